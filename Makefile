@@ -1,0 +1,37 @@
+# Two commands: `make demo` (the whole workflow on the embedded default) and `make test`.
+# Both create .venv and install the pinned dependencies first; a second run skips what is done.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Extra pip arguments, e.g. TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" on a CPU-only machine.
+TORCH_INDEX ?=
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test setup bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools
+	$(BIN)/pip install -q $(TORCH_INDEX) -c requirements/constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev]"
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/python -m data_prep build --config configs/banking77/build.yaml --out runs/demo/data
+	$(BIN)/python -m data_prep validate runs/demo/data/train.jsonl runs/demo/data/valid.jsonl
+	$(BIN)/python -m data_prep stats runs/demo/data/train.jsonl --plot runs/demo/data/train_tokens.png
+
+test: $(STAMP)
+	@$(BIN)/python -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
+
+bench: $(STAMP)
+	$(BIN)/python bench/data_prep.py
+
+clean:
+	rm -rf $(VENV) runs .cache bench/.cache

@@ -1,0 +1,168 @@
+"""data_prep: CSV / JSONL / Parquet in, validated chat JSONL out.
+
+    python -m data_prep build --config configs/banking77/build.yaml
+    python -m data_prep validate runs/demo/data/train.jsonl runs/demo/data/valid.jsonl
+    python -m data_prep stats runs/demo/data/train.jsonl --epochs 3
+
+Run ``python -m data_prep COMMAND --help`` for each command's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+BUILD_FLAGS = "input out system user assistant dropna fillna sample valid_fraction stratify seed max_tokens dedupe clean unicode_form encoding format delimiter model".split()
+
+
+def parse_fillna(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--fillna {item}: expected COLUMN=VALUE")
+        col, value = item.split("=", 1)
+        out[col] = value
+    return out
+
+
+def cmd_build(args) -> int:
+    from .build import BuildConfig, build
+    from .config import load_config
+
+    overrides = {k: getattr(args, k, None) for k in BUILD_FLAGS}
+    overrides["fillna"] = parse_fillna(args.fillna)
+    cfg = load_config(BuildConfig, args.config, overrides)
+    report = build(cfg, progress=not args.quiet)
+    out = Path(cfg.out)
+    ro, tk = report["rows_out"], report["tokens"]
+    print(f"{report['input']}: {report['rows_in']:,} rows in -> train {ro['train']:,}, valid {ro['valid']:,}")
+    for reason, n in report["rows_dropped"].items():
+        print(f"  dropped {n:,} ({reason})")
+    if tk["train"]["examples"]:
+        t = tk["train"]
+        print(f"  train tokens ({tk['model']}): {t['total']:,} total, mean {t['mean']}, max {t['max']}")
+    print(f"wrote {out / 'train.jsonl'}, {out / 'valid.jsonl'}, {out / 'report.json'}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .validate import validate_file
+
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        except Exception as e:
+            raise UserError(f"--tokenizer {args.tokenizer}: cannot load a tokenizer there "
+                            f"({str(e).splitlines()[0]})") from None
+    bad = 0
+    for f in args.files:
+        n, problems = validate_file(f, args.model, tokenizer, args.max_length)
+        for p in problems:
+            print(p)
+        bad += bool(problems)
+        print(f"{f}: {n} examples, {len(problems)} problem(s)" + ("" if problems else ": valid"),
+              file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_stats(args) -> int:
+    from .stats import PRICES_FILE, compute, format_text, histogram
+
+    results = []
+    for f in args.files:
+        path = Path(f)
+        s = compute(path, args.model, args.tokenizer, args.epochs, Path(args.prices or PRICES_FILE))
+        if not args.no_plot:
+            plot = Path(args.plot) if args.plot and len(args.files) == 1 else path.with_name(path.stem + "_tokens.png")
+            s["plot"] = str(histogram(s["counts"], plot, f"{path.name}: tokens per example ({s['tokenizer']})",
+                                      s["limit"]))
+        s.pop("counts")
+        results.append(s)
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    else:
+        print("\n".join(format_text(s) for s in results))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="CSV/JSONL/Parquet -> train.jsonl, valid.jsonl, report.json",
+                       description="Build chat fine-tuning files. Config keys mirror the flags "
+                                   "(valid_fraction for --valid-fraction); flags override the config.",
+                       argument_default=argparse.SUPPRESS)
+    b.add_argument("--config", default=None, help="YAML file whose keys mirror these flags")
+    b.add_argument("--input", help="CSV, JSONL or Parquet file")
+    b.add_argument("--out", help="output folder")
+    b.add_argument("--system", help="system prompt (a template too)")
+    b.add_argument("--user", help="Jinja2 template for the user message, e.g. 'Review: {{ review_text }}'")
+    b.add_argument("--assistant", help="Jinja2 template for the assistant answer")
+    b.add_argument("--dropna", nargs="+", metavar="COL", help="drop rows where any of these columns is empty")
+    b.add_argument("--fillna", nargs="+", metavar="COL=VALUE", default=None, help="fill empty cells of a column")
+    b.add_argument("--sample", type=int, metavar="N", help="keep a seeded random sample of N examples")
+    b.add_argument("--valid-fraction", dest="valid_fraction", type=float, metavar="F", help="default 0.2")
+    b.add_argument("--stratify", metavar="COL", help="keep this column's label proportions in both files")
+    b.add_argument("--seed", type=int, help="seed for sampling and the split (default 42)")
+    b.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N", help="drop longer examples")
+    b.add_argument("--dedupe", action="store_const", const=True, help="drop exact duplicate examples")
+    b.add_argument("--no-clean", dest="clean", action="store_const", const=False,
+                   help="keep HTML, entities and whitespace as they are")
+    b.add_argument("--unicode-form", dest="unicode_form", choices=["NFC", "NFKC", "NFD", "NFKD", "none"])
+    b.add_argument("--encoding", help="input encoding (default utf-8; a BOM is fine)")
+    b.add_argument("--format", choices=["csv", "jsonl", "parquet"], help="default: from the extension")
+    b.add_argument("--delimiter", help="CSV delimiter (default ',')")
+    b.add_argument("--model", help="OpenAI model whose tokenizer counts tokens (default gpt-4o-mini-2024-07-18)")
+    b.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bar")
+    b.set_defaults(func=cmd_build)
+
+    v = sub.add_parser("validate", help="check chat JSONL against OpenAI's rules (and a local model's)",
+                       description="Exit status 0 when every file is valid, 1 when not. "
+                                   "Problems print as FILE:LINE: code: message (line 0: the whole file).")
+    v.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    v.add_argument("--model", default="gpt-4o-mini-2024-07-18", help="OpenAI model (token limit, tokenizer)")
+    v.add_argument("--tokenizer", help="local model/tokenizer folder: also check its chat template renders")
+    v.add_argument("--max-length", dest="max_length", type=int, help="with --tokenizer: longest allowed example")
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("stats", help="token counts, epochs and the OpenAI training-cost estimate",
+                       description="Token statistics per example, the default-epochs heuristic, the "
+                                   "estimated training cost and a histogram PNG.")
+    s.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--model", default="gpt-4o-mini-2024-07-18", help="OpenAI model (default gpt-4o-mini-2024-07-18)")
+    g.add_argument("--tokenizer", help="count with a local tokenizer's chat template instead")
+    s.add_argument("--epochs", type=int, help="epochs to price (default: OpenAI's heuristic)")
+    s.add_argument("--prices", help="prices YAML (default configs/prices.yaml)")
+    s.add_argument("--plot", help="histogram PNG path (default FILE_tokens.png beside the file)")
+    s.add_argument("--no-plot", action="store_true")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    s.set_defaults(func=cmd_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

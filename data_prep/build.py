@@ -1,0 +1,288 @@
+"""Build chat fine-tuning files from a CSV, JSONL or Parquet file.
+
+    python -m data_prep build --config configs/banking77/build.yaml
+    python -m data_prep build --input reviews.csv --out runs/reviews/data \\
+        --system "You label app reviews." --user "{{ review_text }}" \\
+        --assistant "{{ review_rating | lookup({'1':'negative','5':'positive'}, 'neutral') }}" \\
+        --dropna review_text --sample 1000 --valid-fraction 0.3 --seed 42
+
+Writes ``OUT/train.jsonl`` and ``OUT/valid.jsonl`` (OpenAI's chat format) and ``OUT/report.json``,
+which accounts for every input row: ``rows_in == sum(rows_out) + sum(rows_dropped)``.
+Outputs appear together at the end or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .clean import clean_text
+from .errors import UserError
+from .sources import check_readable, detect_format, read_jsonl, read_tabular
+from .templates import RowError, compile_template, make_env, render
+from .tokens import MessageCounter
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class BuildConfig:
+    input: str = ""
+    out: str = ""
+    system: str | None = None           # system prompt (a template too); replaces one in conversations
+    user: str | None = None             # Jinja2 template over the row's columns
+    assistant: str | None = None        # Jinja2 template over the row's columns
+    dropna: list[str] = field(default_factory=list)      # drop rows where any of these is empty
+    fillna: dict[str, str] = field(default_factory=dict)  # fill empty cells: {column: value}
+    sample: int | None = None           # keep a seeded random sample of this many examples
+    valid_fraction: float = 0.2
+    stratify: str | None = None         # column whose label proportions both files keep
+    seed: int = 42
+    max_tokens: int | None = None       # drop examples longer than this (o200k_base tokens)
+    dedupe: bool = False                # drop exact duplicate examples (they never straddle the split anyway)
+    clean: bool = True                  # strip HTML, decode entities, normalise Unicode and whitespace
+    unicode_form: str = "NFC"
+    encoding: str = "utf-8"
+    format: str | None = None           # csv | jsonl | parquet (default: from the extension)
+    delimiter: str = ","
+    model: str = "gpt-4o-mini-2024-07-18"  # whose tokenizer counts tokens for the report
+
+    def check(self) -> None:
+        problems = []
+        if not self.input:
+            problems.append("input: required (the CSV, JSONL or Parquet file to read)")
+        if not self.out:
+            problems.append("out: required (the folder to write train.jsonl, valid.jsonl, report.json)")
+        if bool(self.user) != bool(self.assistant):
+            problems.append("user/assistant: give both templates, or neither for a JSONL of conversations")
+        if not 0 <= self.valid_fraction < 1:
+            problems.append(f"valid_fraction: {self.valid_fraction} is not in [0, 1)")
+        if self.sample is not None and self.sample < 1:
+            problems.append(f"sample: {self.sample} must be a positive number of rows")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            problems.append(f"max_tokens: {self.max_tokens} must be positive")
+        if self.unicode_form not in ("NFC", "NFKC", "NFD", "NFKD", "none"):
+            problems.append(f"unicode_form: {self.unicode_form!r}; use NFC, NFKC, NFD, NFKD or none")
+        if not isinstance(self.dropna, list) or not isinstance(self.fillna, dict):
+            problems.append("dropna must be a list of columns and fillna a mapping {column: value}")
+        if problems:
+            raise UserError("; ".join(problems))
+
+
+def _key(seed: int, text: str) -> bytes:
+    return hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
+
+
+def split(examples: list[dict], valid_fraction: float, seed: int, stratify: bool) -> tuple[list, list]:
+    """Seeded split by groups of identical examples, so exact duplicates never straddle it.
+
+    With ``stratify``, each label's groups are split on their own, so both files keep the
+    label proportions (to within one example per label).
+    """
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for ex in examples:
+        groups[ex["text"]].append(ex)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for text, members in groups.items():
+        strata[members[0]["label"] if stratify else ""].append(text)
+    valid_texts: set[str] = set()
+    for label, texts in strata.items():
+        texts.sort(key=lambda t: _key(seed, t))
+        target = round(sum(len(groups[t]) for t in texts) * valid_fraction)
+        taken = 0
+        for t in texts:
+            if taken >= target:
+                break
+            valid_texts.add(t)
+            taken += len(groups[t])
+    order = sorted(examples, key=lambda ex: ex["order"])
+    return ([ex for ex in order if ex["text"] not in valid_texts],
+            [ex for ex in order if ex["text"] in valid_texts])
+
+
+def token_stats(counts: list[int]) -> dict:
+    import numpy as np
+
+    if not counts:
+        return {"examples": 0, "total": 0}
+    a = np.asarray(counts)
+    return {"examples": int(a.size), "total": int(a.sum()), "min": int(a.min()), "max": int(a.max()),
+            "mean": round(float(a.mean()), 1), "median": float(np.median(a)),
+            "p5": float(np.percentile(a, 5)), "p95": float(np.percentile(a, 95))}
+
+
+def _messages_from_conversation(row: dict, cfg: BuildConfig, system_text: str | None) -> list[dict]:
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RowError("no 'messages' list")
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise RowError(f"bad message {str(m)[:80]!r}: needs a role in {ROLES} and string content")
+        msg = {"role": m["role"], "content": m["content"]}
+        if "weight" in m:
+            msg["weight"] = m["weight"]
+        out.append(msg)
+    if system_text is not None:
+        out = [m for m in out if m["role"] != "system"]
+        out.insert(0, {"role": "system", "content": system_text})
+    return out
+
+
+def build(cfg: BuildConfig, progress: bool = True) -> dict:
+    """Run the whole build; returns the report (also written to OUT/report.json)."""
+    started = time.perf_counter()
+    cfg.check()
+    path = Path(cfg.input)
+    fmt = detect_format(path, cfg.format)
+    check_readable(path, fmt)
+
+    env = make_env()
+    templates, needed = {}, set()
+    for role in ("system", "user", "assistant"):
+        source = getattr(cfg, role)
+        if source:
+            templates[role], cols = compile_template(env, source, role)
+            needed.update(cols)
+    conversation_mode = "user" not in templates
+    if conversation_mode:
+        if fmt != "jsonl":
+            raise UserError("user/assistant: templates are required unless the input is a JSONL "
+                            "of conversations ({\"messages\": [...]} per line)")
+        needed.add("messages")
+    if cfg.stratify:
+        needed.add(cfg.stratify)
+    needed_cols = sorted(needed)
+
+    # Ask the reader for a few spare candidates so rows dropped later still leave `sample` examples.
+    candidates = None if cfg.sample is None else cfg.sample + max(50, cfg.sample // 10)
+    if fmt == "jsonl":
+        src = read_jsonl(path, needed_cols, cfg.fillna, cfg.dropna, candidates, cfg.seed, cfg.encoding)
+    else:
+        src = read_tabular(path, fmt, needed_cols, cfg.fillna, cfg.dropna, candidates, cfg.seed,
+                           cfg.encoding, cfg.delimiter)
+    if src.rows_in == 0:
+        raise UserError(f"{path}: no data rows (only a header?)")
+    dropped = Counter(src.dropped)
+    if src.sampled_out:
+        dropped["not_sampled"] += src.sampled_out
+    drop_examples: dict[str, list[str]] = defaultdict(list)
+
+    def drop(reason: str, detail: str) -> None:
+        dropped[reason] += 1
+        if len(drop_examples[reason]) < 3:
+            drop_examples[reason].append(detail[:300])
+
+    form = None if cfg.unicode_form == "none" else cfg.unicode_form
+    fix = (lambda s: clean_text(s, form)) if cfg.clean else (lambda s: s)
+    counter = MessageCounter(cfg.model)
+    examples: list[dict] = []
+    seen: set[str] = set()
+    rows = src.rows
+    try:
+        from tqdm import tqdm
+        rows = tqdm(rows, desc="examples", unit=" rows", disable=not progress or len(rows) < 20000,
+                    mininterval=1.0)
+    except ImportError:
+        pass
+    for i, row in enumerate(rows):
+        if cfg.sample is not None and len(examples) >= cfg.sample:
+            dropped["not_sampled"] += 1
+            continue
+        where = f"line {row['__line']}" if "__line" in row else f"row {row_preview(row)}"
+        values = {k: fix(v) if isinstance(v, str) else v for k, v in row.items()}
+        try:
+            # Cleaning applies to the data (cell values, conversation turns), never to the
+            # templates' own text: a prompt may well say "<intent>" on purpose.
+            system_text = render(templates["system"], values).strip() if "system" in templates else None
+            if conversation_mode:
+                messages = _messages_from_conversation(row, cfg, system_text)
+                for m in messages:
+                    if m["role"] != "system" or system_text is None:
+                        m["content"] = fix(m["content"])
+            else:
+                messages = [] if not system_text else [{"role": "system", "content": system_text}]
+                messages.append({"role": "user", "content": render(templates["user"], values).strip()})
+                messages.append({"role": "assistant", "content": render(templates["assistant"], values).strip()})
+        except RowError as e:
+            drop("template_error", f"{where}: {e}")
+            continue
+        empty = next((m["role"] for m in messages if not m["content"]), None)
+        if empty:
+            drop(f"empty_{empty}", f"{where}: the {empty} message is empty after rendering and cleaning")
+            continue
+        if not any(m["role"] == "assistant" for m in messages):
+            drop("no_assistant", f"{where}: no assistant message")
+            continue
+        n_tokens = counter.messages(messages)
+        if cfg.max_tokens and n_tokens > cfg.max_tokens:
+            drop("over_max_tokens", f"{where}: {n_tokens} tokens > max_tokens {cfg.max_tokens}")
+            continue
+        text = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+        if cfg.dedupe:
+            if text in seen:
+                drop("duplicate", f"{where}: same example as an earlier row")
+                continue
+            seen.add(text)
+        label = values.get(cfg.stratify) if cfg.stratify else None
+        examples.append({"messages": messages, "tokens": n_tokens, "label": "" if label is None else str(label),
+                         "text": text, "order": _key(cfg.seed, f"{i}\x00{text}")})
+
+    if not examples:
+        reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common())
+        raise UserError(f"{path}: every row was dropped ({reasons}); check dropna/templates/max_tokens")
+    train, valid = split(examples, cfg.valid_fraction, cfg.seed, bool(cfg.stratify))
+    dup_groups = sum(1 for n in Counter(ex["text"] for ex in examples).values() if n > 1)
+
+    report = {
+        "input": str(path), "format": fmt, "columns": src.columns,
+        "rows_in": src.rows_in,
+        "rows_out": {"train": len(train), "valid": len(valid)},
+        "rows_dropped": dict(sorted(dropped.items())),
+        "drop_examples": dict(drop_examples),
+        "duplicate_groups_kept": dup_groups,
+        "tokens": {"model": cfg.model,
+                   "train": token_stats([ex["tokens"] for ex in train]),
+                   "valid": token_stats([ex["tokens"] for ex in valid]),
+                   "train_assistant": token_stats([counter.assistant(ex["messages"]) for ex in train])},
+        "config": asdict(cfg),
+    }
+    if cfg.stratify:
+        report["labels"] = {"train": dict(Counter(ex["label"] for ex in train).most_common()),
+                            "valid": dict(Counter(ex["label"] for ex in valid).most_common())}
+    if report["rows_in"] != len(train) + len(valid) + sum(dropped.values()):
+        raise AssertionError(f"row accounting is off: {report['rows_in']} in, {report['rows_out']} out, "
+                             f"{dict(dropped)} dropped")
+    report["elapsed_s"] = round(time.perf_counter() - started, 3)
+    write_outputs(Path(cfg.out), {"train.jsonl": train, "valid.jsonl": valid}, report)
+    return report
+
+
+def row_preview(row: dict) -> str:
+    return json.dumps({k: v for k, v in row.items()}, ensure_ascii=False, default=str)[:120]
+
+
+def write_outputs(out: Path, files: dict[str, list[dict]], report: dict) -> None:
+    """Write every file to a temporary name, then rename them all into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_paths = []
+    try:
+        for name, rows in files.items():
+            tmp = out / f".{name}.tmp{os.getpid()}"
+            tmp_paths.append((tmp, out / name))
+            with tmp.open("w", encoding="utf-8") as f:
+                for ex in rows:
+                    f.write(json.dumps({"messages": ex["messages"]}, ensure_ascii=False) + "\n")
+        tmp = out / f".report.json.tmp{os.getpid()}"
+        tmp_paths.append((tmp, out / "report.json"))
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for tmp, final in tmp_paths:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in tmp_paths:
+            tmp.unlink(missing_ok=True)

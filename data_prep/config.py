@@ -1,0 +1,49 @@
+"""Dataclass configs read from YAML, with command-line flags layered on top.
+
+Precedence: dataclass defaults < YAML file (``--config``) < flags given on the command line.
+Unknown YAML keys are errors that name the key, the file and the keys that exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def load_config(cls, path: str | Path | None, overrides: dict[str, Any] | None = None):
+    """Build dataclass ``cls`` from a YAML file and overrides (None values are ignored)."""
+    values: dict[str, Any] = {}
+    if path:
+        values.update(read_yaml(path))
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+    if unknown:
+        raise UserError(
+            f"{path}: unknown config key(s) {', '.join(unknown)}; "
+            f"known keys: {', '.join(sorted(known))}"
+        )
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return cls(**values)

@@ -1,0 +1,140 @@
+"""Token statistics, the default-epochs heuristic and the training-cost estimate for chat JSONL.
+
+    python -m data_prep stats runs/demo/data/train.jsonl
+    python -m data_prep stats train.jsonl --model gpt-4o-mini-2024-07-18 --epochs 5 --json
+    python -m data_prep stats train.jsonl --tokenizer .cache/models/smollm2-135m
+
+Counts use o200k_base for gpt-4o models (offline, see ``tokens.py``), or a local tokenizer's chat
+template. Cost = billed tokens per epoch x epochs x price per 1M training tokens
+(``configs/prices.yaml``); billed tokens cap each example at 65,536, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .build import token_stats
+from .config import read_yaml
+from .errors import UserError
+from .sources import check_readable, iter_jsonl
+from .validate import MAX_TOKENS_PER_EXAMPLE
+
+PRICES_FILE = Path(__file__).resolve().parent.parent / "configs" / "prices.yaml"
+TARGET_EPOCHS, MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES = 3, 100, 25_000
+MIN_DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS = 1, 25
+
+
+def default_epochs(n_examples: int) -> int:
+    """OpenAI's cookbook heuristic for the epochs a job uses when none are given."""
+    if n_examples == 0:
+        return TARGET_EPOCHS
+    if n_examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
+        return min(MAX_DEFAULT_EPOCHS, MIN_TARGET_EXAMPLES // n_examples)
+    if n_examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
+        return max(MIN_DEFAULT_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
+    return TARGET_EPOCHS
+
+
+def training_price(model: str, prices_file: Path = PRICES_FILE) -> float | None:
+    """USD per 1M training tokens; an alias such as ``gpt-4o-mini`` finds its dated snapshot."""
+    prices = read_yaml(prices_file).get("training", {}) if prices_file.exists() else {}
+    key = model if model in prices else next((k for k in prices if k.startswith(model + "-")), None)
+    return None if key is None else float(prices[key])
+
+
+def load_examples(path: Path) -> list[list[dict]]:
+    check_readable(path, "jsonl")
+    out = []
+    for lineno, ex in iter_jsonl(path):
+        if not isinstance(ex, dict) or not isinstance(ex.get("messages"), list):
+            raise UserError(f"{path}:{lineno}: not a chat example (no 'messages' list); "
+                            f"run `python -m data_prep validate {path}`")
+        out.append(ex["messages"])
+    if not out:
+        raise UserError(f"{path}: no examples")
+    return out
+
+
+def count_tokens(conversations: list[list[dict]], model: str, tokenizer_path: str | None) -> list[int]:
+    if tokenizer_path:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        except Exception as e:
+            raise UserError(f"--tokenizer {tokenizer_path}: cannot load a tokenizer there "
+                            f"({str(e).splitlines()[0]})") from None
+        texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
+        return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    from .tokens import MessageCounter
+
+    counter = MessageCounter(model)
+    return [counter.messages(c) for c in conversations]
+
+
+def compute(path: Path, model: str = "gpt-4o-mini-2024-07-18", tokenizer: str | None = None,
+            epochs: int | None = None, prices_file: Path = PRICES_FILE) -> dict:
+    conversations = load_examples(path)
+    counts = count_tokens(conversations, model, tokenizer)
+    n = len(counts)
+    n_epochs = epochs or default_epochs(n)
+    billed = sum(min(MAX_TOKENS_PER_EXAMPLE, c) for c in counts)
+    price = None if tokenizer else training_price(model, prices_file)
+    return {
+        "file": str(path), "tokenizer": tokenizer or model, "examples": n,
+        "tokens_per_example": token_stats(counts),
+        "messages_per_example": token_stats([len(c) for c in conversations]),
+        "over_limit": sum(c > MAX_TOKENS_PER_EXAMPLE for c in counts),
+        "limit": MAX_TOKENS_PER_EXAMPLE,
+        "epochs": n_epochs, "epochs_source": "--epochs" if epochs else "default heuristic",
+        "billed_tokens_per_epoch": billed,
+        "billed_tokens_total": billed * n_epochs,
+        "price_per_1m_training_tokens": price,
+        "estimated_cost_usd": None if price is None else round(billed * n_epochs * price / 1e6, 4),
+        "counts": counts,
+    }
+
+
+def histogram(counts: list[int], out: Path, title: str, limit: int | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.hist(counts, bins=min(50, max(5, len(set(counts)))), color="#4C72B0", edgecolor="white")
+    for q, style in ((50, "-"), (95, "--")):
+        v = float(np.percentile(counts, q))
+        ax.axvline(v, color="#DD8452", linestyle=style, label=f"p{q} = {v:.0f}")
+    if limit and max(counts) > 0.8 * limit:
+        ax.axvline(limit, color="red", label=f"limit {limit}")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def format_text(s: dict) -> str:
+    t = s["tokens_per_example"]
+    lines = [
+        f"{s['file']}: {s['examples']} examples, tokenizer {s['tokenizer']}",
+        f"  tokens/example  min {t['min']}  max {t['max']}  mean {t['mean']}  median {t['median']:.0f}  "
+        f"p5 {t['p5']:.0f}  p95 {t['p95']:.0f}  total {t['total']:,}",
+        f"  over the {s['limit']:,}-token limit: {s['over_limit']}",
+        f"  epochs: {s['epochs']} ({s['epochs_source']})",
+        f"  billed training tokens: {s['billed_tokens_per_epoch']:,} per epoch, {s['billed_tokens_total']:,} in all",
+    ]
+    if s["estimated_cost_usd"] is not None:
+        lines.append(f"  estimated OpenAI training cost: ${s['estimated_cost_usd']:.2f} "
+                     f"(${s['price_per_1m_training_tokens']:.2f} per 1M training tokens)")
+    elif s["price_per_1m_training_tokens"] is None and s["tokenizer"].startswith(("gpt-", "ft:")):
+        lines.append("  estimated cost: no training price for this model in configs/prices.yaml")
+    if s.get("plot"):
+        lines.append(f"  histogram: {s['plot']}")
+    return "\n".join(lines)

