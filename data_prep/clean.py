@@ -13,6 +13,7 @@ _BREAK = re.compile(r"<\s*(br|/p|p|/div|li)\b[^>]*>", re.IGNORECASE)
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(\s[^<>]*)?/?>")
 _SPACES = re.compile(r"[ \t\f\v\u00a0\u2000-\u200b\u3000]+")
 _NEWLINES = re.compile(r"\s*\n\s*(\n\s*)+")
+_LINE_BREAKS = {ord(c): "\n" for c in "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -25,7 +26,7 @@ def clean_text(text: str, unicode_form: str | None = "NFC") -> str:
         text = html.unescape(text)
     if unicode_form:
         text = unicodedata.normalize(unicode_form, text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = text.replace("\r\n", "\n").translate(_LINE_BREAKS)
     text = _CONTROL.sub("", text)
     text = _SPACES.sub(" ", text)
     text = _NEWLINES.sub("\n\n", text)

@@ -88,11 +88,26 @@ def _line_of(message: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _duckdb_error(path: Path, e: Exception, encoding: str) -> UserError:
+def _physical_line(path: Path, record: int, encoding: str, delimiter: str) -> int:
+    """DuckDB numbers CSV records (header = 1); editors number lines. Map one to the other."""
+    if record <= 1:
+        return record
+    try:
+        with path.open("r", encoding="utf-8-sig" if encoding in ("utf-8", "utf8") else encoding,
+                       errors="replace", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            for _ in range(record - 1):
+                next(reader)
+            return reader.line_num + 1
+    except (csv.Error, StopIteration):
+        return record
+
+
+def _duckdb_error(path: Path, e: Exception, encoding: str, delimiter: str = ",") -> UserError:
     """One line from DuckDB's multi-line CSV error, with the fix."""
     msg = str(e)
     line = _line_of(msg)
-    where = f"{path}:{line}" if line else str(path)
+    where = f"{path}:{_physical_line(path, int(line), encoding, delimiter)}" if line else str(path)
     if "unterminated quote" in msg:
         return UserError(f"{where}: a quoted value is never closed (unterminated quote); "
                          "fix the quoting or escape quotes inside values as \"\"")
@@ -109,16 +124,20 @@ def _duckdb_error(path: Path, e: Exception, encoding: str) -> UserError:
 
 def csv_header(path: Path, encoding: str, delimiter: str) -> list[str]:
     try:
+        # errors="replace": the decoder reads ahead, and a bad byte further down is DuckDB's to report
         with path.open("r", encoding="utf-8-sig" if encoding in ("utf-8", "utf8") else encoding,
-                       newline="") as f:
+                       errors="replace", newline="") as f:
             header = next(csv.reader(f, delimiter=delimiter), None)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}:1: invalid {encoding} in the header ({e.reason}); "
-                        "pass --encoding with the file's real encoding") from None
+    except LookupError:
+        raise UserError(f"--encoding {encoding}: unknown encoding; use a Python codec name "
+                        "such as utf-8, latin-1, cp1252, utf-16, shift_jis") from None
     except csv.Error as e:
         raise UserError(f"{path}:1: cannot parse the header: {e}") from None
     if not header or all(not h.strip() for h in header) and len(header) <= 1:
         raise UserError(f"{path}:1: no header row; the first line must name the columns")
+    if any("\ufffd" in h for h in header):
+        raise UserError(f"{path}:1: invalid {encoding} in the header; "
+                        "pass --encoding with the file's real encoding")
     names = [h.strip() or f"column{i}" for i, h in enumerate(header)]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -214,7 +233,7 @@ def read_tabular(path: Path, fmt: str, needed: list[str], fillna: dict[str, str]
                     else:
                         src.rows.append(dict(zip(use, row[:-1])))
     except duckdb.Error as e:
-        raise _duckdb_error(path, e, encoding) from None
+        raise _duckdb_error(path, e, encoding, delimiter) from None
     finally:
         con.close()
         if tmp:
