@@ -95,11 +95,10 @@ def split(examples: list[dict], valid_fraction: float, seed: int, stratify: bool
         texts.sort(key=lambda t: _key(seed, t))
         target = round(sum(len(groups[t]) for t in texts) * valid_fraction)
         taken = 0
-        for t in texts:
-            if taken >= target:
-                break
-            valid_texts.add(t)
-            taken += len(groups[t])
+        for t in texts:   # a group that would overshoot the target is passed over for a smaller one
+            if taken + len(groups[t]) <= target:
+                valid_texts.add(t)
+                taken += len(groups[t])
     order = sorted(examples, key=lambda ex: ex["order"])
     return ([ex for ex in order if ex["text"] not in valid_texts],
             [ex for ex in order if ex["text"] in valid_texts])
@@ -180,7 +179,7 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
 
     form = None if cfg.unicode_form == "none" else cfg.unicode_form
     fix = (lambda s: clean_text(s, form)) if cfg.clean else (lambda s: s)
-    counter = MessageCounter(cfg.model)
+    counter = MessageCounter(cfg.model, expected_examples=min(len(src.rows), cfg.sample or len(src.rows)))
     examples: list[dict] = []
     seen: set[str] = set()
     rows = src.rows

@@ -206,15 +206,17 @@ def read_tabular(path: Path, fmt: str, needed: list[str], fillna: dict[str, str]
         whens = " ".join(f"WHEN nullif(trim({_sql_ident(c)}), '') IS NULL THEN {_sql_str('empty:' + c)}"
                          for c in dropna)
         reason = f"CASE {whens} ELSE NULL END"
-    inner = f"SELECT {', '.join(expr(c) for c in use) or '1 AS one'} FROM {scan}"
+    # The sampling key hashes the whole row, not just the columns used: rows that merely share a
+    # text (short reviews like "Good") must each get their own chance of being picked.
+    row_key = f"hash({int(seed)}, {', '.join(_sql_ident(c) for c in columns)}) AS __key"
+    inner = f"SELECT {', '.join([*(expr(c) for c in use), *([row_key] if sample else [])])} FROM {scan}"
     src = Source(path=path, format=fmt, columns=columns)
     con = duckdb.connect()
     con.execute(f"SET threads TO {max(1, os.cpu_count() or 1)}")
     try:
         if sample:
             pack = "struct_pack(" + ", ".join(f"{_sql_ident(c)} := {_sql_ident(c)}" for c in use) + ")"
-            key = f"hash({int(seed)}, {', '.join(_sql_ident(c) for c in use)})"
-            query = (f"SELECT reason, count(*), CASE WHEN reason IS NULL THEN min_by({pack}, {key}, {int(sample)}) END "
+            query = (f"SELECT reason, count(*), CASE WHEN reason IS NULL THEN min_by({pack}, __key, {int(sample)}) END "
                      f"FROM (SELECT *, {reason} AS reason FROM ({inner})) GROUP BY reason")
             for why, n, picked in con.execute(query).fetchall():
                 src.rows_in += n
@@ -295,9 +297,8 @@ def read_jsonl(path: Path, needed: list[str], fillna: dict[str, str], dropna: li
                         f"the file has: {', '.join(src.columns)}")
     if sample and len(kept) > sample:
         def key(row):
-            payload = json.dumps([seed, {k: v for k, v in row.items() if k != "__line"}],
-                                 sort_keys=True, ensure_ascii=False, default=str)
-            return hashlib.blake2b(payload.encode(), digest_size=8).digest()
+            # the line number makes every row its own draw, even rows with the same text
+            return hashlib.blake2b(f"{seed}:{row['__line']}".encode(), digest_size=8).digest()
         kept.sort(key=key)
         src.sampled_out = len(kept) - sample
         kept = kept[:sample]

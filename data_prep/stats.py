@@ -68,7 +68,7 @@ def count_tokens(conversations: list[list[dict]], model: str, tokenizer_path: st
         return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     from .tokens import MessageCounter
 
-    counter = MessageCounter(model)
+    counter = MessageCounter(model, expected_examples=len(conversations))
     return [counter.messages(c) for c in conversations]
 
 

@@ -148,6 +148,21 @@ def test_split_and_sample_are_seeded_and_reproducible(labelled_csv, tmp_path):
     assert report["rows_dropped"]["not_sampled"] == 310 - 50 and accounted(report)
 
 
+@pytest.mark.parametrize("ext", ["csv", "jsonl"])
+def test_sample_is_uniform_over_rows_even_when_texts_repeat(tmp_path, ext):
+    """Half the rows share one text; a uniform sample keeps about half of them (not all or none)."""
+    rows = [[i, "Good" if i % 2 else f"review {i}", "x"] for i in range(2000)]
+    if ext == "csv":
+        src = write_csv(tmp_path / "in.csv", ["id", "text", "label"], rows)
+    else:
+        src = tmp_path / "in.jsonl"
+        src.write_text("".join(json.dumps({"id": i, "text": t, "label": l}) + "\n" for i, t, l in rows))
+    for seed in (1, 2, 3):
+        main(build_args(src, tmp_path / "o", "--sample", "400", "--seed", str(seed), "--valid-fraction", "0"))
+        texts = [e["messages"][0]["content"] for e in read_jsonl(tmp_path / "o/train.jsonl")]
+        assert len(texts) == 400 and 140 <= texts.count("Good") <= 260
+
+
 def test_cleaning_strips_html_entities_and_normalises_unicode():
     assert clean_text("Great.<br /><br />Loved it &amp; more") == "Great.\n\nLoved it & more"
     assert clean_text("  two   spaces\u00a0here \n\n\n\n next ") == "two spaces here\n\nnext"
@@ -365,12 +380,14 @@ def test_o200k_offline_file_matches_tiktoken_hash(tmp_path, monkeypatch):
     from data_prep import tokens
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    tokens.ensure_o200k_cached.cache_clear()
     path = tokens.ensure_o200k_cached()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == tokens.O200K_SHA256
     tokens.encoding_for_model.cache_clear()
     enc = tokens.encoding_for_model("gpt-4o-mini-2024-07-18")
     assert enc.name == "o200k_base" and enc.decode(enc.encode("Héllo wörld 🎵")) == "Héllo wörld 🎵"
     tokens.encoding_for_model.cache_clear()
+    tokens.ensure_o200k_cached.cache_clear()
 
 
 def test_counts_match_the_cookbook_loop():
@@ -384,6 +401,18 @@ def test_counts_match_the_cookbook_loop():
              {"role": "assistant", "content": '{"category": "card_arrival"}'}]
     cookbook = 3 + sum(3 + sum(len(enc.encode(v)) for v in m.values()) + ("name" in m) for m in convo)
     assert MessageCounter().messages(convo) == cookbook
+
+
+def test_fast_counter_gives_tiktokens_counts_on_the_shipped_data():
+    """The quicktok path used for large files must count exactly like tiktoken."""
+    from data_prep.tokens import MessageCounter
+
+    texts = [row[4] for row in csv.reader((ROOT / "configs/app_reviews/data/spotify_reviews_sample.csv").open(encoding="utf-8"))]
+    texts += [json.dumps(json.loads(line)) for line in (ROOT / "configs/assistant/data/conversations.jsonl").open(encoding="utf-8")]
+    texts += [r["review"] for r in csv.DictReader((ROOT / "configs/imdb/data/imdb_sample.csv").open(encoding="utf-8"))][:300]
+    slow, fast = MessageCounter(), MessageCounter(expected_examples=10**6)
+    assert fast.count is not slow.count
+    assert [fast.text(t) for t in texts] == [slow.text(t) for t in texts]
 
 
 def test_default_epochs_heuristic():
