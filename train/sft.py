@@ -1,0 +1,442 @@
+"""Supervised fine-tuning (LoRA / QLoRA) of a chat model on data_prep's chat JSONL.
+
+    accelerate launch train/sft.py --config configs/banking77/sft_cpu.yaml
+    accelerate launch train/sft.py --config configs/banking77/sft_t4.yaml --max_steps 200
+    accelerate launch --config_file configs/accelerate/ddp.yaml train/sft.py --config configs/banking77/sft_t4.yaml
+    python train/sft.py --config configs/banking77/sft_cpu.yaml --learning_rate 5e-4
+
+Configuration: three dataclasses read by TRL's parser from one YAML file, overridable by flags:
+``ScriptArguments`` (below), TRL's ``SFTConfig`` (training) and ``ModelConfig`` (model, LoRA,
+4-bit). Unknown keys are errors.
+
+What the run directory (``output_dir``) holds when it ends: the LoRA adapter, the tokenizer with
+the chat template used for training (the one the server must use), ``run_config.yaml`` (resolved
+configuration), ``metrics.jsonl`` (one line per logging step and evaluation), ``summary.json``
+(tokens, wall time, tokens/s, peak memory) and ``loss.png`` / ``accuracy.png``.
+A run that was killed resumes from its last complete checkpoint when started again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python train/sft.py` and `accelerate launch train/sft.py`
+    sys.path.insert(0, str(ROOT))
+
+from data_prep.errors import UserError  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+# LoRA ranks vLLM's --max-lora-rank accepts
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+GEN_MARKERS = re.compile(r"\{%-?\s*(generation|endgeneration)\s*-?%\}")
+
+
+@dataclass
+class ScriptArguments:
+    train_file: str = field(default="", metadata={"help": "chat JSONL from `python -m data_prep build`"})
+    valid_file: str | None = field(default=None, metadata={"help": "chat JSONL for evaluation (optional)"})
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: all cores)"})
+    max_server_lora_rank: int = field(default=64, metadata={
+        "help": "largest LoRA rank the serving side allows (vLLM --max-lora-rank); bigger ranks are refused"})
+    max_truncated_fraction: float = field(default=0.05, metadata={
+        "help": "fail before training when more examples than this are longer than max_length"})
+    plots: bool = field(default=True, metadata={"help": "write loss.png and accuracy.png"})
+
+
+# ----------------------------------------------------------------------------- checks before loading
+
+
+def load_chat_jsonl(path: str, key: str) -> list[dict]:
+    """Read and check a chat JSONL file; every problem becomes one error naming the config key."""
+    from data_prep.sources import jsonl_lines
+    from data_prep.validate import check_example
+
+    p = Path(path)
+    if not path:
+        raise UserError(f"{key}: required (the chat JSONL from `python -m data_prep build`)")
+    if not p.is_file():
+        raise UserError(f"{key}: {path} not found; build it with `python -m data_prep build --config ...`")
+    rows, problems = [], []
+    for lineno, ex, error in jsonl_lines(p):
+        found = [("invalid_json", error)] if error else check_example(ex)
+        problems += [f"{path}:{lineno}: {code}: {msg}" for code, msg in found]
+        if not found:
+            rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in ex["messages"]]})
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise UserError(f"{key}: {path} is not valid chat JSONL: {'; '.join(problems[:5])}{more}; "
+                        f"run `python -m data_prep validate {path}`")
+    if not rows:
+        raise UserError(f"{key}: {path} holds no examples")
+    return rows
+
+
+def resolve_chat_template(tokenizer, chat_template_path: str | None) -> str:
+    """The template to train with: it must render exactly like the model's own and mark assistant turns.
+
+    Order: ``chat_template_path`` if given; the model's template if it already has
+    ``{% generation %}`` markers; a template in train/templates/ that equals the model's once its
+    markers are removed; TRL's training version of the model's template.
+    """
+    if chat_template_path:
+        p = Path(chat_template_path)
+        if not p.is_file():
+            raise UserError(f"chat_template_path: {p} not found (a .jinja file)")
+        return p.read_text(encoding="utf-8")
+    own = tokenizer.chat_template
+    if not own:
+        raise UserError("model_name_or_path: this tokenizer has no chat template; "
+                        "give one with chat_template_path (a .jinja file with {% generation %} markers)")
+    if GEN_MARKERS.search(own):
+        return own
+    for candidate in sorted(TEMPLATES.glob("*_training.jinja")):
+        text = candidate.read_text(encoding="utf-8")
+        if renders_like(tokenizer, text, own):
+            return text
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except Exception:
+        patched = None
+    if not patched:
+        raise UserError("chat_template_path: the model's chat template has no {% generation %} markers and "
+                        "neither train/templates/ nor TRL has a training version of it; write one (the same "
+                        "template with {% generation %}...{% endgeneration %} around each assistant reply and "
+                        "its end-of-turn token) and set chat_template_path")
+    return patched
+
+
+PROBES = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}],
+    [{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "{\"x\": 1}"},
+     {"role": "user", "content": "émoji 😀"}, {"role": "assistant", "content": " two\nlines "}],
+]
+
+
+def renders_like(tokenizer, template: str, reference: str) -> bool:
+    """Do two chat templates render the same text for a set of probe conversations?"""
+    try:
+        return all(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g, chat_template=template)
+                   == tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g,
+                                                    chat_template=reference)
+                   for m in PROBES for g in (False, True))
+    except Exception:  # a template that cannot render the probes is not the same template
+        return False
+
+
+def check_config(script, training, model_args) -> list[str]:
+    """Problems that would waste a run, found before the model is loaded."""
+    import torch
+
+    problems = []
+    cuda = torch.cuda.is_available()
+    if training.bf16 and cuda and not torch.cuda.is_bf16_supported():
+        problems.append(f"bf16: {torch.cuda.get_device_name(0)} has no bf16 (Turing/T4 and older); "
+                        "set bf16: false and fp16: true")
+    if training.fp16 and not cuda:
+        problems.append("fp16: mixed precision fp16 needs a CUDA GPU; on CPU set fp16: false "
+                        "(and use_cpu: true)")
+    if training.fp16 and training.bf16:
+        problems.append("fp16/bf16: choose one (a T4 has fp16 only)")
+    if model_args.load_in_4bit and model_args.dtype in ("bfloat16",) and cuda and not torch.cuda.is_bf16_supported():
+        problems.append("dtype: bfloat16 compute is not supported on this GPU; set dtype: float16")
+    if (model_args.attn_implementation or "").startswith("flash_attention") and cuda:
+        major, _ = torch.cuda.get_device_capability(0)
+        if major < 8:
+            problems.append("attn_implementation: FlashAttention needs an Ampere or newer GPU; use sdpa on a T4")
+    if training.padding_free and not (model_args.attn_implementation or "").startswith("flash_attention"):
+        problems.append("padding_free: only works with FlashAttention; set padding_free: false")
+    if model_args.use_peft:
+        if model_args.lora_modules_to_save:
+            problems.append("lora_modules_to_save: vLLM refuses adapters with modules_to_save; remove it")
+        if model_args.lora_r > script.max_server_lora_rank:
+            problems.append(f"lora_r: {model_args.lora_r} is above max_server_lora_rank "
+                            f"{script.max_server_lora_rank}; the server would refuse the adapter")
+        if model_args.lora_r not in VLLM_LORA_RANKS:
+            problems.append(f"lora_r: vLLM serves ranks {', '.join(map(str, VLLM_LORA_RANKS))}; "
+                            f"{model_args.lora_r} would be refused")
+    if not training.assistant_only_loss:
+        problems.append("assistant_only_loss: must be true so that the loss covers only the assistant's "
+                        "tokens (and its end-of-turn token)")
+    return problems
+
+
+def check_lengths(rows: list[dict], tokenizer, template: str, max_length: int | None,
+                  max_fraction: float) -> dict:
+    """Token lengths under the training template; too many over max_length is an error."""
+    import numpy as np
+
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, chat_template=template) for r in rows]
+    lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    stats = {"examples": int(lengths.size), "max": int(lengths.max()), "p95": float(np.percentile(lengths, 95)),
+             "mean": round(float(lengths.mean()), 1), "total": int(lengths.sum())}
+    if max_length:
+        over = int((lengths > max_length).sum())
+        stats["over_max_length"] = over
+        if over / lengths.size > max_fraction:
+            suggest = int(2 ** math.ceil(math.log2(max(lengths.max(), 8))))
+            raise UserError(f"max_length: {max_length} is shorter than {over} of {lengths.size} examples "
+                            f"({over / lengths.size:.0%}; longest {lengths.max()} tokens), whose answers "
+                            f"would be cut off; set max_length: {suggest}")
+        if over:
+            print(f"warning: {over} example(s) are longer than max_length {max_length} and will be truncated",
+                  file=sys.stderr)
+    return stats
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class RunLog(TrainerCallback):
+    """Appends one JSON line per log to metrics.jsonl, with tokens/s between logging steps."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.last = (time.time(), None)
+        if self.path.exists():  # resuming: keep what the checkpoint covers, drop steps it will redo
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
+        rec.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()})
+        tokens = logs.get("num_tokens")
+        if tokens is not None and "loss" in logs:
+            now, (then, before) = time.time(), self.last
+            if before is not None and now > then:
+                rec["tokens_per_s"] = round((tokens - before) / (now - then), 1)
+            self.last = (now, tokens)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def plot_metrics(run_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    written = []
+    for name, train_key, eval_key, ylabel in (("loss.png", "loss", "eval_loss", "loss"),
+                                              ("accuracy.png", "mean_token_accuracy", "eval_mean_token_accuracy",
+                                               "mean token accuracy")):
+        tr = [(r["step"], r[train_key]) for r in recs if train_key in r]
+        ev = [(r["step"], r[eval_key]) for r in recs if eval_key in r]
+        if not tr and not ev:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        if tr:
+            ax.plot(*zip(*tr), label="train", color="#4C72B0")
+        if ev:
+            ax.plot(*zip(*ev), "o-", label="valid", color="#DD8452")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{run_dir.name}: {ylabel}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / name)
+        plt.close(fig)
+        written.append(str(run_dir / name))
+    return written
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint-N that finished saving (a kill can leave a partial one)."""
+    done = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()
+            and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def parse(argv=None):
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig))
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as e:  # unknown YAML keys, or TrainingArguments refusing a precision
+        msg = str(e).splitlines()[0]
+        if "bf16" in msg:
+            msg = ("bf16: this machine has no GPU with bf16 (T4s have none); set bf16: false, and "
+                   "fp16: true on a T4 or use_cpu: true on a CPU")
+        elif "fp16" in msg:
+            msg = "fp16: mixed precision fp16 needs a CUDA GPU; on CPU set fp16: false and use_cpu: true"
+        raise UserError(f"config: {msg}") from None
+
+
+def load_model(model_args, training):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import get_quantization_config
+
+    quant = get_quantization_config(model_args)
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
+        attn_implementation=model_args.attn_implementation, quantization_config=quant,
+        device_map={"": "cpu"} if training.use_cpu or not torch.cuda.is_available() else None)
+    if quant is not None and not torch.cuda.is_available():
+        # bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights for inference on the first no-grad
+        # forward (evaluation), after which every training step fails; keep the training layout.
+        import bitsandbytes as bnb
+
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    model.config.use_cache = False
+    return model
+
+
+def main(argv=None) -> int:
+    script, training, model_args = parse(argv)
+    started = time.time()
+    run_dir = Path(training.output_dir)
+
+    # Checks that cost seconds, before the model costs minutes.
+    problems = check_config(script, training, model_args)
+    if problems:
+        raise UserError("; ".join(problems))
+    train_rows = load_chat_jsonl(script.train_file, "train_file")
+    valid_rows = load_chat_jsonl(script.valid_file, "valid_file") if script.valid_file else None
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer, get_peft_config
+
+    if script.num_threads:
+        torch.set_num_threads(script.num_threads)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    except OSError as e:
+        raise UserError(f"model_name_or_path: cannot load {model_args.model_name_or_path} "
+                        f"({str(e).splitlines()[0]}); for the default model run `make model`") from None
+    template = resolve_chat_template(tokenizer, training.chat_template_path)
+    tokenizer.chat_template = template
+    training.chat_template_path = None  # applied above; TRL must not swap it again
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lengths = check_lengths(train_rows, tokenizer, template, training.max_length, script.max_truncated_fraction)
+    if valid_rows is None and training.eval_strategy != "no":
+        training.eval_strategy = "no"
+
+    resume = last_complete_checkpoint(run_dir) if run_dir.exists() else None
+    model = load_model(model_args, training)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise UserError(f"model_name_or_path: the tokenizer has {len(tokenizer)} tokens but the model only "
+                        f"{model.get_input_embeddings().num_embeddings} embeddings; added tokens would need "
+                        "new embeddings, which vLLM refuses in an adapter")
+    peft_config = get_peft_config(model_args)
+    trainer = SFTTrainer(model=model, args=training, train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(valid_rows) if valid_rows else None,
+                         processing_class=tokenizer, peft_config=peft_config)
+    resume_step = int(resume.name.split("-")[1]) if resume else 0
+    trainer.add_callback(RunLog(run_dir, resume_step))
+
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    world = trainer.accelerator.num_processes
+    effective_batch = training.per_device_train_batch_size * training.gradient_accumulation_steps * world
+    if trainer.is_world_process_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"script": asdict(script), "model": asdict(model_args),
+                    "training": {k: v for k, v in training.to_dict().items()}}
+        import yaml
+
+        (run_dir / "run_config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=str)),
+                                                                sort_keys=False))
+        print(f"model {model_args.model_name_or_path}: {trainable:,} trainable of {total:,} parameters "
+              f"({100 * trainable / total:.2f}%); effective batch {effective_batch} "
+              f"({training.per_device_train_batch_size} x {training.gradient_accumulation_steps} accumulation "
+              f"x {world} process(es)); {lengths['examples']} train examples, {lengths['total']:,} tokens, "
+              f"longest {lengths['max']}; threads {torch.get_num_threads()}"
+              + (f"; resuming from {resume}" if resume else ""), flush=True)
+
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.save_model(str(run_dir))
+    if not trainer.is_world_process_zero():
+        return 0
+    tokenizer.save_pretrained(str(run_dir))
+    (run_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    adapter = check_adapter(run_dir, script.max_server_lora_rank) if model_args.use_peft else {}
+
+    wall = time.time() - started
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    train_recs = [r for r in recs if "loss" in r]
+    eval_recs = [r for r in recs if "eval_loss" in r]
+    tokens = max((r.get("num_tokens", 0) for r in recs), default=0)
+    train_s = result.metrics.get("train_runtime", wall)
+    summary = {
+        "model": model_args.model_name_or_path, "run_dir": str(run_dir),
+        "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
+        "train_examples": len(train_rows), "effective_batch_size": effective_batch,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "train_tokens": tokens, "train_runtime_s": round(train_s, 1), "wall_time_s": round(wall, 1),
+        "tokens_per_s": round(tokens / train_s, 1) if train_s else None,
+        "train_loss_first": train_recs[0]["loss"] if train_recs else None,
+        "train_loss_last": train_recs[-1]["loss"] if train_recs else None,
+        "eval_loss_last": eval_recs[-1]["eval_loss"] if eval_recs else None,
+        "eval_mean_token_accuracy_last": eval_recs[-1].get("eval_mean_token_accuracy") if eval_recs else None,
+        "peak_cpu_rss_mb": peak_rss_mb(),
+        "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "precision": "fp16" if training.fp16 else "bf16" if training.bf16 else "fp32",
+        "load_in_4bit": model_args.load_in_4bit, "lora_r": model_args.lora_r if model_args.use_peft else None,
+        "resumed_from": str(resume) if resume else None, **adapter,
+    }
+    if script.plots:
+        summary["plots"] = plot_metrics(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"done: {summary['steps']} steps in {summary['train_runtime_s']} s, {summary['tokens_per_s']} tokens/s, "
+          f"loss {summary['train_loss_first']} -> {summary['train_loss_last']}, peak RSS "
+          f"{summary['peak_cpu_rss_mb']} MB; adapter and tokenizer in {run_dir}", flush=True)
+    return 0
+
+
+def check_adapter(run_dir: Path, max_rank: int) -> dict:
+    """The adapter must be one vLLM serves: no modules_to_save and a rank it allows."""
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    problems = []
+    if cfg.get("modules_to_save"):
+        problems.append(f"modules_to_save={cfg['modules_to_save']}")
+    if cfg.get("r", 0) > max_rank:
+        problems.append(f"r={cfg['r']} > max_server_lora_rank {max_rank}")
+    if problems:
+        raise UserError(f"{run_dir}/adapter_config.json: the server would refuse this adapter: {', '.join(problems)}")
+    return {"adapter_rank": cfg.get("r"), "adapter_target_modules": cfg.get("target_modules"),
+            "base_model": cfg.get("base_model_name_or_path")}
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
