@@ -205,7 +205,7 @@ def test_sigkill_mid_run_resumes_from_checkpoint(tiny_model_dir, toy_data, tmp_p
 @pytest.mark.parametrize("overrides, expected", [
     ({"train_file": "nope.jsonl"}, "train_file: nope.jsonl not found"),
     ({"bf16": True, "use_cpu": False}, "bf16: this machine has no GPU with bf16"),
-    ({"fp16": True}, "fp16: mixed precision fp16 needs a CUDA GPU"),
+    ({"fp16": True, "bf16": False}, "fp16: mixed precision fp16 needs a CUDA GPU"),
     ({"max_length": 8}, "max_length: 8 is shorter than"),
     ({"lora_r": 128}, "lora_r: 128 is above max_server_lora_rank 64"),
     ({"lora_modules_to_save": ["lm_head"]}, "lora_modules_to_save: vLLM refuses"),

@@ -51,6 +51,8 @@ class ScriptArguments:
     max_truncated_fraction: float = field(default=0.05, metadata={
         "help": "fail before training when more examples than this are longer than max_length"})
     plots: bool = field(default=True, metadata={"help": "write loss.png and accuracy.png"})
+    compact_lm_head: bool = field(default=True, metadata={
+        "help": "on CPU, run the LM head only where labels are (the assistant's tokens), as TRL does on CUDA"})
 
 
 # ----------------------------------------------------------------------------- checks before loading
@@ -137,6 +139,14 @@ def renders_like(tokenizer, template: str, reference: str) -> bool:
         return False
 
 
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: do not guess
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def check_config(script, training, model_args) -> list[str]:
     """Problems that would waste a run, found before the model is loaded."""
     import torch
@@ -168,6 +178,9 @@ def check_config(script, training, model_args) -> list[str]:
         if model_args.lora_r not in VLLM_LORA_RANKS:
             problems.append(f"lora_r: vLLM serves ranks {', '.join(map(str, VLLM_LORA_RANKS))}; "
                             f"{model_args.lora_r} would be refused")
+    if training.bf16 and not cuda and not cpu_has_bf16():
+        print("warning: bf16: this CPU has no AVX512-BF16/AMX, so bf16 autocast is emulated and slow; "
+              "set bf16: false", file=sys.stderr)
     if not training.assistant_only_loss:
         problems.append("assistant_only_loss: must be true so that the loss covers only the assistant's "
                         "tokens (and its end-of-turn token)")
@@ -334,6 +347,13 @@ def main(argv=None) -> int:
 
     if script.num_threads:
         torch.set_num_threads(script.num_threads)
+    if script.compact_lm_head:
+        # TRL's fused LM head scores only the positions that carry labels on CUDA, but every
+        # position elsewhere; on CPU that is most of a step's time for a 49k-token vocabulary.
+        import trl.trainer.utils as trl_utils
+
+        on_gpu = trl_utils._use_triton
+        trl_utils._use_triton = lambda device: device.type == "cpu" or on_gpu(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     except OSError as e:
