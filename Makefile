@@ -29,10 +29,14 @@ model: $(MODEL)/config.json
 $(MODEL)/config.json: $(STAMP)
 	$(BIN)/python -m train.prepare_model --out $(MODEL)
 
-demo: $(STAMP)
+demo: $(STAMP) $(MODEL)/config.json
 	$(BIN)/python -m data_prep build --config configs/banking77/build.yaml --out runs/demo/data
 	$(BIN)/python -m data_prep validate runs/demo/data/train.jsonl runs/demo/data/valid.jsonl
 	$(BIN)/python -m data_prep stats runs/demo/data/train.jsonl --plot runs/demo/data/train_tokens.png
+	$(BIN)/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		train/sft.py --config configs/banking77/sft_cpu.yaml --train_file runs/demo/data/train.jsonl \
+		--valid_file runs/demo/data/valid.jsonl --output_dir runs/demo/sft
+	@echo "demo: data in runs/demo/data, adapter, metrics and plots in runs/demo/sft"
 
 test: $(STAMP)
 	@$(BIN)/python -m pytest -q; rc=$$?; \

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import ROOT
 
-ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1",
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--quiet", "--num_processes", "1",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 TOY = [("w1 w2", "yes"), ("w3 w4", "no"), ("w5 w6", "yes"), ("w7 w8", "no"), ("w9 w10", "yes"),
        ("w11 w12", "no"), ("w13 w14", "yes"), ("w15 w16", "no")]
@@ -219,6 +219,13 @@ def test_bad_config_fails_fast_naming_the_key(overrides, expected, tiny_model_di
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_config_under_accelerate_launch_is_one_line_too(tiny_model_dir, toy_data, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", lora_r=128)
+    proc = launch(cfg)
+    assert proc.returncode != 0 and "error: lora_r: 128 is above max_server_lora_rank" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_malformed_dataset_is_named_with_its_line(tiny_model_dir, toy_data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text((toy_data / "train.jsonl").read_text() + '{"messages": [{"role": "user"}]}\nnot json\n')
@@ -265,3 +272,22 @@ def test_every_config_yaml_parses_against_its_dataclasses():
             continue
         seen += 1
     assert seen >= 10
+
+
+def test_merge_gives_the_same_model_as_base_plus_adapter(trained, tmp_path):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    proc = subprocess.run([sys.executable, "-m", "train.merge", str(trained), "--out", str(tmp_path / "merged")],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = torch.tensor([[2, 5, 210, 3, 2, 6]])
+    with torch.no_grad():
+        a = AutoPeftModelForCausalLM.from_pretrained(trained).eval()(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not (tmp_path / "merged/adapter_config.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "train.merge", str(tmp_path), "--out", str(tmp_path / "x")],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr

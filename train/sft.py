@@ -50,6 +50,8 @@ class ScriptArguments:
         "help": "largest LoRA rank the serving side allows (vLLM --max-lora-rank); bigger ranks are refused"})
     max_truncated_fraction: float = field(default=0.05, metadata={
         "help": "fail before training when more examples than this are longer than max_length"})
+    max_eval_examples: int | None = field(default=256, metadata={
+        "help": "evaluate on a seeded sample of this many valid examples (all of them when null)"})
     plots: bool = field(default=True, metadata={"help": "write loss.png and accuracy.png"})
     compact_lm_head: bool = field(default=True, metadata={
         "help": "on CPU, run the LM head only where labels are (the assistant's tokens), as TRL does on CUDA"})
@@ -339,6 +341,10 @@ def main(argv=None) -> int:
         raise UserError("; ".join(problems))
     train_rows = load_chat_jsonl(script.train_file, "train_file")
     valid_rows = load_chat_jsonl(script.valid_file, "valid_file") if script.valid_file else None
+    if valid_rows and script.max_eval_examples and len(valid_rows) > script.max_eval_examples:
+        import random
+
+        valid_rows = random.Random(training.seed).sample(valid_rows, script.max_eval_examples)
 
     import torch
     from datasets import Dataset
