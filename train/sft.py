@@ -335,6 +335,10 @@ def main(argv=None) -> int:
     started = time.time()
     run_dir = Path(training.output_dir)
 
+    if (run_dir / "summary.json").exists() and (run_dir / "adapter_config.json").exists():
+        print(f"{run_dir} already holds a finished run (summary.json); remove it or set another output_dir "
+              "to train again", flush=True)
+        return 0
     # Checks that cost seconds, before the model costs minutes.
     problems = check_config(script, training, model_args)
     if problems:
