@@ -1,7 +1,8 @@
 """Benchmark: training throughput of the project's SFT profile against TRL's stock recipe.
 
-    python bench/train_throughput.py                  # CPU mode (default without CUDA), ~4-6 min
+    python bench/train_throughput.py                  # CPU mode (default without CUDA): ~3.5 min on 2 cores
     python bench/train_throughput.py --no-fp32        # without the third CPU row (ours with --bf16 false)
+    python bench/train_throughput.py --also 'ours+gc=--gradient_checkpointing true'   # one more row
     python bench/train_throughput.py --gpu            # T4 emulation (default with CUDA)
 
 In one run, on the same model, data, number of steps and machine, it trains each recipe in its own
@@ -23,10 +24,11 @@ subprocess of ``train/sft.py``
              loss (over the assistant's tokens only);
            - per_device_train_batch_size and gradient_accumulation_steps: every step sees the same
              examples in the same order, so "the same number of steps" means the same tokens;
-           - use_cpu (CPU: TRL needs it there) and fp16 (GPU: a T4 has no bf16, so TRL's
-             documentation has T4 users set fp16);
+           - use_cpu (CPU: TRL needs it there) and fp16 (GPU: a T4 has no bf16, so a T4 user must
+             set fp16 whatever recipe they follow; bf16 then resolves to False);
            - the keys this benchmark sets itself (output_dir, max_steps, logging, eval, saving).
-         The table lists every key reset.
+         The output lists every key reset ("stock = ours with: ..."). In CPU mode a third row,
+         ours with ``--bf16 false`` (fp32), is measured for the record (``--no-fp32`` skips it).
 
 What is measured, per run:
   - tokens/s over the steps after the first ``--skip`` (default 2; the first steps include
@@ -52,8 +54,10 @@ folder with SmolLM2-135M-Instruct's tokenizer and chat template (49,152 tokens; 
 Qwen's 151,936-row embedding, which sft.py allows, so the embedding and LM head cost what they cost
 on the real model). Each run is ``python -c`` code that calls
 ``torch.cuda.set_per_process_memory_fraction`` (cap ``--gpu-mem-gib``, default 15 GiB) and then
-runs train/sft.py as ``__main__`` with runpy, then records the peak GPU memory. The profile's fp16,
-nf4 4-bit weights, SDPA and paged 8-bit AdamW stay as configured. The cap covers PyTorch's caching
+runs train/sft.py as ``__main__`` with runpy, then records the peak GPU memory. Both recipes keep the
+profile's fp16, nf4 4-bit weights, SDPA and gradient checkpointing (TRL's default too); stock swaps the
+paged 8-bit AdamW for TRL's default adamw_torch_fused, and compact_lm_head false changes nothing on
+CUDA, where TRL already scores only labelled positions. The cap covers PyTorch's caching
 allocator only: the CUDA context and bitsandbytes' paged (managed-memory) optimizer state are outside
 it, as they are outside max_memory_reserved. An H100 is not a T4: GPU tokens/s show the ratio
 between the recipes, not T4 speed. GPU figures must be measured on a GPU; this script was written
