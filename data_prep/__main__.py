@@ -54,15 +54,9 @@ def cmd_build(args) -> int:
 def cmd_validate(args) -> int:
     from .validate import validate_file
 
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
+    from .stats import load_tokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        except Exception as e:
-            raise UserError(f"--tokenizer {args.tokenizer}: cannot load a tokenizer there "
-                            f"({str(e).splitlines()[0]})") from None
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     bad = 0
     for f in args.files:
         n, problems = validate_file(f, args.model, tokenizer, args.max_length)

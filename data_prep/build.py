@@ -263,7 +263,7 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
 
 
 def row_preview(row: dict) -> str:
-    return json.dumps({k: v for k, v in row.items()}, ensure_ascii=False, default=str)[:120]
+    return json.dumps(row, ensure_ascii=False, default=str)[:120]
 
 
 def write_outputs(out: Path, files: dict[str, list[dict]], report: dict) -> None:

@@ -55,15 +55,19 @@ def load_examples(path: Path) -> list[list[dict]]:
     return out
 
 
+def load_tokenizer(path: str):
+    """A local Hugging Face tokenizer for --tokenizer; a folder without one is a UserError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"--tokenizer {path}: cannot load a tokenizer there ({str(e).splitlines()[0]})") from None
+
+
 def count_tokens(conversations: list[list[dict]], model: str, tokenizer_path: str | None) -> list[int]:
     if tokenizer_path:
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(tokenizer_path)
-        except Exception as e:
-            raise UserError(f"--tokenizer {tokenizer_path}: cannot load a tokenizer there "
-                            f"({str(e).splitlines()[0]})") from None
+        tok = load_tokenizer(tokenizer_path)
         texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
         return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     from .tokens import MessageCounter
