@@ -1,0 +1,1 @@
+"""serve: a local vLLM OpenAI-compatible server, one client interface over OpenAI and local, comparison, UI."""
