@@ -7,6 +7,7 @@ Unknown YAML keys are errors that name the key, the file and the keys that exist
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,36 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(cls, path: str | Path | None, overrides: dict[str, Any] | None = None):
-    """Build dataclass ``cls`` from a YAML file and overrides (None values are ignored)."""
+    """Build dataclass ``cls`` from a YAML file and overrides (None values are ignored).
+
+    A field whose type is itself a dataclass is a section: its YAML mapping is built the same way,
+    and an unknown key inside it is reported as ``section.key``.
+    """
     values: dict[str, Any] = {}
     if path:
         values.update(read_yaml(path))
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(cls, values, str(path) if path else "config")
+
+
+def from_dict(cls, values: dict[str, Any], where: str, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(prefix + k for k in values if k.replace("-", "_") not in fields)
     if unknown:
         raise UserError(
-            f"{path}: unknown config key(s) {', '.join(unknown)}; "
-            f"known keys: {', '.join(sorted(known))}"
+            f"{where}: unknown config key(s) {', '.join(unknown)}; "
+            f"known keys: {', '.join(prefix + k for k in sorted(fields))}"
         )
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        sub = hints.get(name)
+        if dataclasses.is_dataclass(sub):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: {prefix}{name} must be a mapping of {sub.__name__} keys")
+            value = from_dict(sub, value, where, f"{prefix}{name}.")
+        out[name] = value
+    return cls(**out)

