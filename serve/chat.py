@@ -4,8 +4,8 @@
     python -m serve.chat --config configs/banking77/serve.yaml --backend local --model finetuned --stream "..."
     LLM_BACKEND=openai python -m serve.chat --model finetuned "..."
 
---model takes an alias (base, finetuned, an adapter name) or a model id. The system prompt defaults
-to the config's use case (``--system`` replaces it). Prints the answer, then latency and tokens on stderr.
+--model takes an alias (base, finetuned, an adapter name) or a model id. The system message is the
+config's ``system`` (the one the model was trained with); ``--system`` replaces it. Prints the answer, then latency and tokens on stderr.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def main(argv=None) -> int:
 
     backend = load_backend(args.config, args.backend)
     model = backend.resolve(args.model)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+    system = args.system if args.system is not None else backend.settings.system
+    messages = ([{"role": "system", "content": system}] if system else []) + \
                [{"role": "user", "content": args.text}]
     kwargs = backend.sampling_kwargs(max_tokens=args.max_tokens, temperature=args.temperature)
     client = backend.client()

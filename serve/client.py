@@ -82,6 +82,7 @@ class Sampling:
 @dataclass
 class Settings:
     backend: str = "local"
+    system: str | None = None  # default system message for serve.chat and the UI (the use case's prompt)
     server: ServerConfig = field(default_factory=ServerConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     sampling: Sampling = field(default_factory=Sampling)
