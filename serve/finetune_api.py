@@ -207,8 +207,7 @@ def create_app(cfg: FinetuneAPIConfig, api_key: str | None):
             path.unlink()
             raise APIError(400, "The uploaded file is empty", param="file")
         obj = {"object": "file", "id": file_id, "purpose": purpose, "filename": safe_filename(upload.filename),
-               "bytes": size, "created_at": int(time.time()), "expires_at": None, "status": "processed",
-               "status_details": None}
+               "bytes": size, "created_at": int(time.time()), "status": "processed"}
         store.add_file(obj, str(path))
         return obj
 

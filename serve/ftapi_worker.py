@@ -255,9 +255,9 @@ class Worker:
         path = run_dir / "metrics.jsonl"
         if path.exists():
             lines = [l for l in path.read_text().splitlines() if l.strip()]
-            if not seen["lines"]:  # a resumed run rewrote the file: skip the steps already reported
-                done = self.store.get_private(job_id).get("reported_step", -1)
-                seen["lines"] = sum(1 for l in lines if json.loads(l).get("step", 0) <= done)
+            if seen["lines"] > len(lines):  # the file was rewritten
+                seen["lines"] = 0
+            reported = self.store.get_private(job_id).get("reported", {})
             for line in lines[seen["lines"]:]:
                 try:
                     rec = json.loads(line)
@@ -265,9 +265,12 @@ class Worker:
                     break
                 seen["lines"] += 1
                 data = metrics_data(rec, total)
-                if data:
+                kind = "valid" if "valid_loss" in (data or {}) else "train"
+                # a resumed run logs again the steps after its checkpoint: report each step once
+                if data and data["step"] > reported.get(kind, -1):
                     self.store.add_event(job_id, metrics_message(data), type_="metrics", data=data)
-                    self.store.update_job(job_id, private={"reported_step": rec.get("step", 0)})
+                    reported[kind] = data["step"]
+                    self.store.update_job(job_id, private={"reported": reported})
         job = self.store.get_job(job_id)
         for ckpt in sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
                            if re.fullmatch(r"checkpoint-\d+", p.name) else -1):
@@ -290,7 +293,7 @@ class Worker:
         path.write_bytes(content)
         self.store.add_file({"object": "file", "id": file_id, "purpose": "fine-tune-results",
                              "filename": "step_metrics.csv", "bytes": len(content), "created_at": int(time.time()),
-                             "expires_at": None, "status": "processed", "status_details": None}, str(path))
+                             "status": "processed"}, str(path))
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
         self.store.update_job(job_id, status="succeeded", fine_tuned_model=name, finished_at=int(time.time()),
                               result_files=[file_id], trained_tokens=summary.get("train_tokens"),
