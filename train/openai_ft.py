@@ -64,7 +64,7 @@ class OpenAIJobConfig:
     max_retries: int = 5  # per request, for 429 / 5xx / timeouts / dropped connections
     timeout_s: float = 120.0
     poll_interval_s: float = 10.0
-    yes: bool = False  # skip the confirmation before a paid OpenAI job
+    assume_yes: bool = False  # skip the confirmation before a paid OpenAI job (--yes)
 
 
 # ----------------------------------------------------------------------------- client and records
@@ -221,13 +221,13 @@ def job_kwargs(cfg: OpenAIJobConfig, train_id: str, valid_id: str | None) -> dic
 def cmd_create(args) -> int:
     overrides = {k: getattr(args, k, None) for k in ("backend", "base_url", "train_file", "valid_file", "model",
                                                     "suffix", "seed", "n_epochs", "jobs_dir")}
-    overrides["yes"] = True if args.yes else None
+    overrides["assume_yes"] = True if args.yes else None
     cfg = load_config(OpenAIJobConfig, args.config, overrides)
     stats = check_files(cfg)
     print("\n".join(cost_lines(stats, cfg)))
-    if cfg.backend == "openai" and not cfg.yes:
+    if cfg.backend == "openai" and not cfg.assume_yes:
         if not sys.stdin.isatty():
-            raise UserError("a paid OpenAI job needs confirmation: pass --yes (or set yes: true in the config)")
+            raise UserError("a paid OpenAI job needs confirmation: pass --yes (or set assume_yes: true in the config)")
         if input("create this job? [y/N] ").strip().lower() not in ("y", "yes"):
             print("not created")
             return 1
