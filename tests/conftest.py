@@ -41,3 +41,189 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     fast.save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving: one real vLLM CPU server per test session, with a LoRA adapter from a real training run
+# of the demo's base model (SmolLM2-135M-Instruct, made by `make model`).
+
+SMOL = ROOT / ".cache/models/SmolLM2-135M-Instruct"
+SERVE_KEY = "test-secret-key-5f1c"  # the key the session's server requires
+SMOL_TOY = [(f"code {'red' if i % 2 else 'blue'} {i}", "ALPHA" if i % 2 else "BRAVO") for i in range(1, 17)]
+SMOL_SYSTEM = "Answer with the code word."
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chat_rows(pairs, system=SMOL_SYSTEM) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": q},
+                          {"role": "assistant", "content": a}]} for q, a in pairs]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_adapter(tmp_path_factory) -> Path:
+    """A real accelerate-launched LoRA run of SmolLM2-135M-Instruct on a toy code-word task (~1 min)."""
+    import yaml
+
+    assert (SMOL / "config.json").is_file(), f"{SMOL} missing: run `make model` (make test does)"
+    d = tmp_path_factory.mktemp("smol_run")
+    write_jsonl(d / "train.jsonl", chat_rows(SMOL_TOY) * 2)
+    write_jsonl(d / "valid.jsonl", chat_rows(SMOL_TOY[:8]))
+    cfg = yaml.safe_load((ROOT / "configs/banking77/sft_cpu.yaml").read_text())
+    cfg.update(train_file=str(d / "train.jsonl"), valid_file=str(d / "valid.jsonl"), model_name_or_path=str(SMOL),
+               output_dir=str(d / "out"), max_length=64, num_threads=2, per_device_train_batch_size=8,
+               per_device_eval_batch_size=8, learning_rate=3e-3, warmup_steps=0, lr_scheduler_type="constant",
+               max_steps=10, logging_steps=5, eval_steps=10, save_steps=10, lora_r=8, lora_alpha=16)
+    (d / "sft.yaml").write_text(yaml.safe_dump(cfg))
+    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--quiet", "--num_processes", "1",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run([*accelerate, str(ROOT / "train/sft.py"), "--config", str(d / "sft.yaml")], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return d / "out"
+
+
+class RunningServer:
+    """The session's vLLM server, started the way users start it: `python -m serve.vllm_server`."""
+
+    def __init__(self, config: Path, port: int, proc: subprocess.Popen, log: Path):
+        self.config, self.port, self.proc, self.log = config, port, proc, log
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self.api_key = SERVE_KEY
+        self.base_model = "smol-base"
+        self.output = ""
+
+    def env(self, **extra) -> dict:
+        return {**os.environ, "PYTHONPATH": str(ROOT), "TUNEKIT_API_KEY": SERVE_KEY, **extra}
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory, smol_adapter):
+    """Starts the CLI, waits for its ready line; at the end sends SIGTERM and checks nothing is left."""
+    import signal
+    import time
+
+    import yaml
+
+    d = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    config = d / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "backend": "local", "system": SMOL_SYSTEM,
+        "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": 0},
+        "server": {"model": str(SMOL), "served_model_name": "smol-base", "adapters": {"finetuned": str(smol_adapter)},
+                   "port": port, "max_model_len": 512, "startup_timeout_s": 600},
+        "openai": {"base_model": "gpt-4o-mini-2024-07-18"},
+    }))
+    log = d / "vllm.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TUNEKIT_API_KEY": SERVE_KEY}
+    out = open(d / "cli.out", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "serve.vllm_server", "--config", str(config), "--quiet",
+                             "--log", str(log)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 660
+    while "ready in" not in (d / "cli.out").read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("vLLM server did not start:\n" + (d / "cli.out").read_text()[-3000:]
+                        + (log.read_text()[-3000:] if log.exists() else ""))
+        time.sleep(1)
+    server = RunningServer(config, port, proc, log)
+    server.output = (d / "cli.out").read_text()
+    yield server
+
+    # Clean stop on SIGTERM: the CLI exits 0, no vLLM process of this server is left, the port is free.
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=90)
+    out.close()
+    import socket
+
+    leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline")
+                 if _safe_read(p).find(f"--port\0{port}\0") >= 0]
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections in TIME_WAIT are fine
+        s.bind(("127.0.0.1", port))  # raises if a socket is left listening
+    assert rc == 0, (d / "cli.out").read_text()[-2000:]
+    assert not leftovers, f"processes left after SIGTERM: {leftovers}"
+    assert SERVE_KEY not in log.read_text() + (d / "cli.out").read_text(), "the API key leaked into a log"
+
+
+def _safe_read(p: Path) -> str:
+    try:
+        return p.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI's API description: response bodies are validated against its component schemas.
+
+OPENAPI = ROOT.parent / "shared/openai-openapi/openapi.yaml"
+
+
+@pytest.fixture(scope="session")
+def openapi_spec() -> dict:
+    import yaml
+
+    assert OPENAPI.is_file(), f"{OPENAPI} missing (../shared beside the checkout)"
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(OPENAPI.read_text(encoding="utf-8"), Loader=loader)
+
+
+@pytest.fixture(scope="session")
+def openapi_validate(openapi_spec):
+    """validate(body, "CreateChatCompletionResponse") raises jsonschema.ValidationError on a mismatch."""
+    import jsonschema
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    def nullable_to_type(node):
+        """OpenAPI's `nullable: true` as JSON Schema: null joins the type (and the enum)."""
+        if isinstance(node, dict):
+            if node.get("nullable") is True:
+                if isinstance(node.get("type"), str):
+                    node["type"] = [node["type"], "null"]
+                if isinstance(node.get("enum"), list) and None not in node["enum"]:
+                    node["enum"] = [*node["enum"], None]
+            for v in node.values():
+                nullable_to_type(v)
+        elif isinstance(node, list):
+            for v in node:
+                nullable_to_type(v)
+
+    import copy
+
+    spec = copy.deepcopy(openapi_spec)
+    nullable_to_type(spec)
+    registry = Registry().with_resource("urn:openapi", Resource(contents=spec, specification=DRAFT202012))
+
+    def validate(body, name: str) -> None:
+        """Optional fields sent as null where the schema has no null (vLLM does so, e.g.
+        message.annotations) count as absent; everything else must match, required fields included."""
+        import copy
+
+        assert name in openapi_spec["components"]["schemas"], name
+        validator = jsonschema.Draft202012Validator({"$ref": f"urn:openapi#/components/schemas/{name}"},
+                                                    registry=registry)
+        nulls = {tuple(e.absolute_path) for e in validator.iter_errors(body) if e.instance is None and e.absolute_path}
+        body = copy.deepcopy(body)
+        for path in nulls:
+            parent = body
+            for key in path[:-1]:
+                parent = parent[key]
+            parent.pop(path[-1], None)
+        validator.validate(body)  # a removed field that was required fails here
+
+    return validate
