@@ -39,6 +39,7 @@ class BuildConfig:
     assistant: str | None = None        # Jinja2 template over the row's columns
     dropna: list[str] = field(default_factory=list)      # drop rows where any of these is empty
     fillna: dict[str, str] = field(default_factory=dict)  # fill empty cells: {column: value}
+    keep: dict[str, list[str]] = field(default_factory=dict)  # keep only rows whose column is one of these values
     sample: int | None = None           # keep a seeded random sample of this many examples
     valid_fraction: float = 0.2
     stratify: str | None = None         # column whose label proportions both files keep
@@ -156,15 +157,16 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
         needed.add("messages")
     if cfg.stratify:
         needed.add(cfg.stratify)
+    needed.update(cfg.keep)
     needed_cols = sorted(needed)
 
     # Ask the reader for a few spare candidates so rows dropped later still leave `sample` examples.
     candidates = None if cfg.sample is None else cfg.sample + max(50, cfg.sample // 10)
     if fmt == "jsonl":
-        src = read_jsonl(path, needed_cols, cfg.fillna, cfg.dropna, candidates, cfg.seed, cfg.encoding)
+        src = read_jsonl(path, needed_cols, cfg.fillna, cfg.dropna, candidates, cfg.seed, cfg.encoding, cfg.keep)
     else:
         src = read_tabular(path, fmt, needed_cols, cfg.fillna, cfg.dropna, candidates, cfg.seed,
-                           cfg.encoding, cfg.delimiter)
+                           cfg.encoding, cfg.delimiter, cfg.keep)
     if src.rows_in == 0:
         raise UserError(f"{path}: no data rows (only a header?)")
     dropped = Counter(src.dropped)

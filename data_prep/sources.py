@@ -168,7 +168,7 @@ def transcode_to_utf8(path: Path, encoding: str) -> Path:
 
 def read_tabular(path: Path, fmt: str, needed: list[str], fillna: dict[str, str], dropna: list[str],
                  sample: int | None, seed: int, encoding: str = "utf-8",
-                 delimiter: str = ",") -> Source:
+                 delimiter: str = ",", keep: dict[str, list[str]] | None = None) -> Source:
     import duckdb
 
     tmp = None
@@ -202,10 +202,11 @@ def read_tabular(path: Path, fmt: str, needed: list[str], fillna: dict[str, str]
         return f"{v} AS {_sql_ident(c)}"
 
     reason = "NULL"
-    if dropna:
-        whens = " ".join(f"WHEN nullif(trim({_sql_ident(c)}), '') IS NULL THEN {_sql_str('empty:' + c)}"
-                         for c in dropna)
-        reason = f"CASE {whens} ELSE NULL END"
+    whens = [f"WHEN nullif(trim({_sql_ident(c)}), '') IS NULL THEN {_sql_str('empty:' + c)}" for c in dropna]
+    whens += [f"WHEN coalesce({_sql_ident(c)}, '') NOT IN ({', '.join(_sql_str(str(v)) for v in values)}) "
+              f"THEN {_sql_str('not_kept:' + c)}" for c, values in (keep or {}).items()]
+    if whens:
+        reason = f"CASE {' '.join(whens)} ELSE NULL END"
     # The sampling key hashes the whole row, not just the columns used: rows that merely share a
     # text (short reviews like "Good") must each get their own chance of being picked.
     row_key = f"hash({int(seed)}, {', '.join(_sql_ident(c) for c in columns)}) AS __key"
@@ -271,8 +272,10 @@ def iter_jsonl(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, objec
 
 
 def read_jsonl(path: Path, needed: list[str], fillna: dict[str, str], dropna: list[str],
-               sample: int | None, seed: int, encoding: str = "utf-8") -> Source:
+               sample: int | None, seed: int, encoding: str = "utf-8",
+               keep: dict[str, list[str]] | None = None) -> Source:
     src = Source(path=path, format="jsonl", columns=[])
+    keep = {c: {str(v) for v in values} for c, values in (keep or {}).items()}
     seen_cols: dict[str, None] = {}
     kept: list[dict] = []
     for lineno, obj in iter_jsonl(path, encoding):
@@ -285,6 +288,7 @@ def read_jsonl(path: Path, needed: list[str], fillna: dict[str, str], dropna: li
             if _is_empty(row.get(c)):
                 row[c] = v
         why = next((f"empty:{c}" for c in dropna if _is_empty(row.get(c))), None)
+        why = why or next((f"not_kept:{c}" for c, values in keep.items() if str(row.get(c)) not in values), None)
         if why:
             src.dropped[why] += 1
             continue
