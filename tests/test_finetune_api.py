@@ -72,17 +72,18 @@ def free_port() -> int:
 class Server:
     """python -m serve.finetune_api in its own process group; start, kill and restart it."""
 
-    def __init__(self, root: Path, model: Path, max_steps: int = 400, max_file_mb: float = 0.05):
+    def __init__(self, root: Path, model: Path, max_steps: int = 400, max_file_mb: float = 0.05,
+                 base_model: str = "tiny-llama", sft: dict | None = None, **extra):
         self.root, self.port, self.proc = root, free_port(), None
         self.data_dir = root / "data"
         self.config = root / "finetune_api.yaml"
         self.config.write_text(yaml.safe_dump({
             "port": self.port, "data_dir": str(self.data_dir), "sft_config": "configs/banking77/sft_cpu.yaml",
-            "base_model": "tiny-llama", "max_steps": max_steps, "max_file_mb": max_file_mb, "max_attempts": 3,
+            "base_model": base_model, "max_steps": max_steps, "max_file_mb": max_file_mb, "max_attempts": 3,
             "sft_overrides": {"model_name_or_path": str(model), "max_length": 64, "num_threads": 1,
                               "logging_steps": 2, "save_steps": 4, "eval_steps": 4, "bf16": False,
                               "warmup_steps": 0, "learning_rate": 0.01, "lr_scheduler_type": "constant",
-                              "per_device_eval_batch_size": 8, "plots": False}}))
+                              "per_device_eval_batch_size": 8, "plots": False, **(sft or {})}, **extra}))
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "TUNEKIT_API_KEY": KEY, "HF_HUB_OFFLINE": "1",
                     "TUNEKIT_REGISTRY": str(root / "registry.json")}
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -485,3 +486,44 @@ def test_sdk_survives_injected_500_429_and_dropped_connections(server, toy_files
         assert len(c.files.list().data) == len({x.id for x in c.files.list().data})  # no duplicate uploads
     finally:
         proxy.close()
+
+
+# ----------------------------------------------------------------------------- with the vLLM server
+
+
+@pytest.mark.slow
+def test_finished_job_is_served_by_vllm(vllm_server, tmp_path):
+    """A job on the demo's base model; its adapter is loaded into the running vLLM server and answers."""
+    from conftest import SMOL, SMOL_TOY, chat_rows, write_jsonl
+
+    s = Server(tmp_path, SMOL, base_model="smol-base", vllm_url=vllm_server.base_url,
+               vllm_api_key_env="TUNEKIT_VLLM_KEY",
+               sft={"num_threads": 2, "learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "save_steps": 10,
+                    "eval_steps": 10, "logging_steps": 5})
+    s.env["TUNEKIT_VLLM_KEY"] = vllm_server.api_key
+    s.start()
+    try:
+        c = s.client()
+        train = write_jsonl(tmp_path / "train.jsonl", chat_rows(SMOL_TOY) * 2)
+        f = c.files.create(file=open(train, "rb"), purpose="fine-tune")
+        job = c.fine_tuning.jobs.create(training_file=f.id, model="smol-base", suffix="codes", method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 8}}})
+        job = wait_status(c, job.id, ("succeeded", "failed"), timeout=400)
+        assert job.status == "succeeded", job.error
+        assert job.fine_tuned_model == f"ft:smol-base:codes:{job.id}"
+        messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
+        assert any(m.startswith("Adapter loaded into the vLLM server") for m in messages), messages
+
+        from openai import OpenAI
+
+        chat = OpenAI(base_url=vllm_server.base_url, api_key=vllm_server.api_key)
+        assert job.fine_tuned_model in [m.id for m in chat.models.list().data]
+        right = 0
+        for q, a in SMOL_TOY[:4]:
+            reply = chat.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=8, messages=[
+                {"role": "system", "content": "Answer with the code word."}, {"role": "user", "content": q}])
+            assert reply.model == job.fine_tuned_model
+            right += reply.choices[0].message.content.strip() == a
+        assert right >= 2
+    finally:
+        s.stop()
