@@ -92,13 +92,15 @@ class Answer:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    first_token_s: float | None = None  # streamed answers only
 
     def stats(self) -> str:
         if self.error:
             return f"error: {self.error}"
+        first = f" (first token {self.first_token_s:.2f} s)" if self.first_token_s is not None else ""
         tokens = (f" · {self.prompt_tokens} in / {self.completion_tokens} out tokens"
                   if self.prompt_tokens is not None else "")
-        return f"{self.model}: {self.seconds:.2f} s{tokens}"
+        return f"{self.model}: {self.seconds:.2f} s{first}{tokens}"
 
 
 async def ask(backend: Backend, client, model: str, messages: list[dict]) -> Answer:
@@ -146,9 +148,8 @@ def stream_chat(backend: Backend, model: str, messages: list[dict]):
         yield text, f"error: {backend.explain(e, model)}"
         return
     answer = Answer(model, text, time.perf_counter() - t0, usage.prompt_tokens if usage else None,
-                    usage.completion_tokens if usage else None)
-    first_s = f" (first token {first:.2f} s)" if first is not None else ""
-    yield text, answer.stats().replace(" s", f" s{first_s}", 1)
+                    usage.completion_tokens if usage else None, first_token_s=first)
+    yield text, answer.stats()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,11 +230,12 @@ def build_app(config: str | None, backend_name: str):
                 return
             messages = build_messages(system_text, history, text)
             history = history + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+            stats = ""
             for partial, stats in stream_chat(b, model, messages):
                 history[-1] = {"role": "assistant", "content": partial}
                 yield history, stats, ""
             if not history[-1]["content"]:
-                history.pop()  # no answer (an error): keep the question only
+                yield history[:-2], stats, text  # no answer (an error): the question goes back to the box
 
         chat_io = dict(inputs=[backend_radio, chat_model, system, chatbot, chat_input],
                        outputs=[chatbot, chat_stats, chat_input])

@@ -98,6 +98,20 @@ def choose(page, dropdown: str, value: str) -> None:
     assert page.locator(f"#{dropdown} input").input_value() == value
 
 
+def wait_done(page, *ids: str) -> None:
+    """Until each stats line shows a result (tokens) or an error (the progress timer shows before)."""
+    page.wait_for_function("ids => ids.every(id => /out tokens|^error: /m.test(document.getElementById(id).innerText))",
+                           arg=list(ids))
+
+
+def in_thread(coro):
+    """asyncio.run outside the thread where Playwright's sync API keeps its event loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def test_compare_base_and_adapter_side_by_side(page):
     question, expected = SMOL_TOY[0]  # ("code red 1", "ALPHA")
     assert "local backend" in page.inner_text("#status")
@@ -107,8 +121,7 @@ def test_compare_base_and_adapter_side_by_side(page):
     choose(page, "model_b", "finetuned")
     page.locator("#compare_prompt textarea").fill(question)
     page.click("#compare_send")
-    page.wait_for_function("document.querySelector('#stats_a').innerText.trim() && "
-                           "document.querySelector('#stats_b').innerText.trim()")
+    wait_done(page, "stats_a", "stats_b")
     stats_a, stats_b = page.inner_text("#stats_a"), page.inner_text("#stats_b")
     answer_a = page.locator("#answer_a textarea").input_value()
     answer_b = page.locator("#answer_b textarea").input_value()
@@ -123,7 +136,7 @@ def test_chat_streams_the_adapter_answer(page):
     choose(page, "chat_model", "finetuned")
     page.locator("#chat_input textarea").fill(question)
     page.click("#chat_send")
-    page.wait_for_function("document.querySelector('#chat_stats').innerText.includes('out tokens')")
+    wait_done(page, "chat_stats")
     assert STATS.search(page.inner_text("#chat_stats")), page.inner_text("#chat_stats")
     text = page.inner_text("#chatbot")
     assert question in text and expected in text, text
@@ -136,8 +149,7 @@ def test_unknown_model_shows_one_line_error(page):
     choose(page, "model_b", "finetuned")
     page.locator("#compare_prompt textarea").fill(SMOL_TOY[0][0])
     page.click("#compare_send")
-    page.wait_for_function("document.querySelector('#stats_a').innerText.trim() && "
-                           "document.querySelector('#stats_b').innerText.trim()")
+    wait_done(page, "stats_a", "stats_b")
     stats_a = page.inner_text("#stats_a")
     assert stats_a.startswith("error: model 'no-such-model' is not served") and "\n" not in stats_a.strip(), stats_a
     assert "Traceback" not in page.content()
@@ -153,7 +165,7 @@ def test_errors_are_one_line(vllm_server, monkeypatch):
 
     monkeypatch.setenv("TUNEKIT_API_KEY", "wrong-key")
     wrong_key = load_backend(vllm_server.config, "local")
-    a, b = asyncio.run(compare(wrong_key, "base", "finetuned", SMOL_SYSTEM, "code red 1"))
+    a, b = in_thread(compare(wrong_key, "base", "finetuned", SMOL_SYSTEM, "code red 1"))
     assert "refused the API key" in a.error and "TUNEKIT_API_KEY" in b.error, (a, b)
     assert "refused the API key" in model_choices(wrong_key)[1]
 
@@ -161,7 +173,7 @@ def test_errors_are_one_line(vllm_server, monkeypatch):
     down = load_backend(vllm_server.config, "local")
     down.base_url = f"http://127.0.0.1:{free_port()}/v1"
     down.settings.max_retries = 0
-    a, _ = asyncio.run(compare(down, "base", "finetuned", None, "hi"))
+    a, _ = in_thread(compare(down, "base", "finetuned", None, "hi"))
     assert a.error.startswith("no server answers at") and a.stats().startswith("error: "), a
     choices, error = model_choices(down)
     assert choices[:2] == ["base", "finetuned"] and error.startswith("no server answers")
