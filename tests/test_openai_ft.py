@@ -77,7 +77,8 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
             if "step " in line or time.time() > deadline:
                 break
         os.killpg(proc.pid, signal.SIGINT)
-        rest, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # (communicate() would skip what the line iterator has buffered)
+        rest, err = proc.stdout.read(), proc.stderr.read()
         first += rest.splitlines(keepends=True)
         assert proc.returncode == 0, err[-2000:]
         assert f"Re-attach with: python -m train.openai_ft follow {job_id}" in "".join(first)
@@ -87,7 +88,7 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
         seen_after = [l.strip() for l in again.stdout.splitlines() if l[:2].isdigit()]
         assert seen_before and seen_after and not set(seen_before) & set(seen_after)  # nothing printed twice
         events = seen_before + seen_after
-        assert any("step 16/16" in l and "train loss" in l for l in events), events
+        assert any("step 16/16" in l and "train loss" in l for l in events), "".join(first) + "\n---\n" + again.stdout
         assert any("valid loss" in l for l in events)
         assert f"succeeded: ft:tiny-llama:toy:{job_id}" in again.stdout
         assert "retrying" in again.stderr + err  # the polling loop met injected failures and went on

@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -319,6 +320,8 @@ def cmd_follow(args) -> int:
     rec.setdefault("backend", backend)
     rec.setdefault("base_url", str(client.base_url).rstrip("/"))
     failures, interval = 0, args.interval
+    guard = DeferredInterrupt()
+    previous = signal.signal(signal.SIGINT, guard)
     print(f"following {args.job_id} on {str(client.base_url).rstrip('/')} (Ctrl-C detaches; the job keeps running)", flush=True)
     try:
         while True:
@@ -338,11 +341,15 @@ def cmd_follow(args) -> int:
                       flush=True)
                 time.sleep(wait)
                 continue
+            guard.critical = True  # a Ctrl-C here waits until the printed events are recorded as seen
             for ev in events:
                 print(format_event(ev), flush=True)
                 rec["last_event_id"] = ev.id
             rec["status"] = job.status
             write_record(rec, folder)
+            guard.critical = False
+            if guard.pending:
+                raise KeyboardInterrupt
             if job.status in TERMINAL:
                 return finish(job, rec, folder)
             time.sleep(interval)
@@ -351,6 +358,21 @@ def cmd_follow(args) -> int:
         print(f"\ndetached from {args.job_id}; it keeps running. Re-attach with: "
               f"python -m train.openai_ft follow {args.job_id}" + backend_flags(rec), flush=True)
         return 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class DeferredInterrupt:
+    """SIGINT handler: KeyboardInterrupt at once, or at the end of a critical section."""
+
+    def __init__(self):
+        self.critical = self.pending = False
+
+    def __call__(self, signum, frame):
+        if self.critical:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
 
 
 def finish(job, rec: dict, folder: Path) -> int:
