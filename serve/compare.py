@@ -573,6 +573,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output folder (overrides out)")
     p.add_argument("--concurrency", type=int, help="requests in flight (overrides concurrency)")
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/raw and send the rest")
+    p.add_argument("--start-server", action="store_true",
+                   help="local backend: start the vLLM server of the serve config for this run, stop it after")
     args = p.parse_args(argv)
 
     overrides = {"limit": args.limit, "data": args.data, "out": args.out, "concurrency": args.concurrency,
@@ -587,16 +589,31 @@ def main(argv=None) -> int:
     print(f"comparing {', '.join(f'{a} ({m})' if a != m else a for a, m in models.items())} on {len(examples)} "
           f"examples via {backend.name} ({backend.base_url or 'api.openai.com'})", file=sys.stderr)
 
-    _check_reachable(backend, list(models.values()))
-    t0 = time.perf_counter()
+    server = None
+    if args.start_server:
+        if backend.name != "local":
+            raise UserError("--start-server starts the local vLLM server; drop it for the openai backend")
+        from .vllm_server import VLLMServer
+
+        server = VLLMServer(backend.settings, api_key=backend.api_key)
+        t0 = time.perf_counter()
+        print(f"starting the vLLM server ({backend.settings.server.model}) ...", file=sys.stderr, flush=True)
+        server.start()
+        print(f"server ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     interrupted = False
     try:
-        results = asyncio.run(run_requests(backend, cfg, models, examples, out, args.resume))
-    except KeyboardInterrupt:
-        interrupted = True
-        results = {alias: {i: r for i, r in RawStore(out, alias).load().items() if not r.get("error")}
-                   for alias in models}
-    elapsed = time.perf_counter() - t0
+        _check_reachable(backend, list(models.values()))
+        t0 = time.perf_counter()
+        try:
+            results = asyncio.run(run_requests(backend, cfg, models, examples, out, args.resume))
+        except KeyboardInterrupt:
+            interrupted = True
+            results = {alias: {i: r for i, r in RawStore(out, alias).load().items() if not r.get("error")}
+                       for alias in models}
+        elapsed = time.perf_counter() - t0
+    finally:
+        if server:
+            server.stop()
 
     baseline = train_baseline(cfg, examples)
     summaries = [summarise(cfg, backend, alias, models[alias], examples, results[alias]) for alias in models]
