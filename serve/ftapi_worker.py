@@ -140,6 +140,12 @@ class Worker:
     # ----------------------------------------------------------------------------- steps
 
     def fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
+        with self.store.lock:
+            if self.store.get_job(job_id)["status"] in TERMINAL:
+                return
+            self._fail(job_id, code, message, param)
+
+    def _fail(self, job_id: str, code: str, message: str, param: str | None = None) -> None:
         self.store.update_job(job_id, status="failed", finished_at=int(time.time()), estimated_finish=None,
                               error={"code": code, "message": message, "param": param})
         self.store.add_event(job_id, f"Job failed: {message}", level="error")
@@ -165,9 +171,10 @@ class Worker:
                 return self.fail(job["id"], "invalid_training_file" if param == "training_file" else "invalid_validation_file",
                                  f"{param} {file_id} ({obj['filename']}) is not valid chat JSONL: {shown}{more}", param)
             counts[param] = n
-        if self.store.get_job(job["id"])["status"] != "validating_files":  # cancelled meanwhile
-            return
-        self.store.update_job(job["id"], status="queued", private={"train_examples": counts["training_file"]})
+        with self.store.lock:
+            if self.store.get_job(job["id"])["status"] != "validating_files":  # cancelled meanwhile
+                return
+            self.store.update_job(job["id"], status="queued", private={"train_examples": counts["training_file"]})
         self.store.add_event(job["id"], f"Files validated ({counts['training_file']} training examples); job queued")
 
     def job_config(self, job: dict, run_dir: Path) -> tuple[Path, dict]:
@@ -221,9 +228,14 @@ class Worker:
         log.close()
         hp = {**job["method"]["supervised"]["hyperparameters"], **info["hyperparameters"]}
         method = {"type": "supervised", "supervised": {"hyperparameters": hp}}
-        self.store.update_job(job_id, status="running", hyperparameters=hp, method=method,
-                              private={"pid": self.proc.pid, "run_dir": str(run_dir), "attempts": attempts,
-                                       "total_steps": info["total_steps"]})
+        with self.store.lock:  # a cancel that came while the process started wins
+            if self.store.get_job(job_id)["status"] != "queued":
+                kill_group(self.proc.pid)
+                self.proc.wait()
+                return
+            self.store.update_job(job_id, status="running", hyperparameters=hp, method=method,
+                                  private={"pid": self.proc.pid, "run_dir": str(run_dir), "attempts": attempts,
+                                           "total_steps": info["total_steps"]})
         self.store.add_event(job_id, f"Fine-tuning job started ({info['total_steps']} steps"
                              + (f", attempt {attempts}" if attempts > 1 else "") + ")")
         seen = {"lines": 0}

@@ -379,10 +379,10 @@ def test_server_killed_mid_job_resumes_after_restart(tmp_path, ft_model_dir, toy
         c = s.client()
         f = c.files.create(file=open(toy_files / "train.jsonl", "rb"), purpose="fine-tune")
         job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny-llama", suffix="restart", method={
-            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 2}}})
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}}})
         run_dir = s.data_dir / "runs" / job.id
         deadline = time.time() + 120
-        while not (run_dir / "checkpoint-4" / "trainer_state.json").exists():
+        while not list(run_dir.glob("checkpoint-*/trainer_state.json")):
             assert time.time() < deadline and s.proc.poll() is None
             time.sleep(0.2)
         s.kill(signal.SIGKILL)  # the server dies; its training process is orphaned
@@ -395,7 +395,7 @@ def test_server_killed_mid_job_resumes_after_restart(tmp_path, ft_model_dir, toy
         assert json.loads((run_dir / "summary.json").read_text())["resumed_from"]
         steps = [e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=200).data
                  if e.type == "metrics" and "train_loss" in e.data]
-        assert sorted(steps) == list(range(2, 49, 2)), steps  # each step reported once across the restart
+        assert sorted(steps) == list(range(2, 321, 2)), steps  # each step reported once across the restart
         assert json.loads((tmp_path / "registry.json").read_text())["local"]["finetuned"]["model"] == \
             job.fine_tuned_model
     finally:
