@@ -319,7 +319,8 @@ def cmd_follow(args) -> int:
     client, backend = client_for(args, rec)
     rec.setdefault("backend", backend)
     rec.setdefault("base_url", str(client.base_url).rstrip("/"))
-    failures, interval = 0, args.interval
+    failures = 0
+    interval = args.interval or (rec.get("config") or {}).get("poll_interval_s") or 10.0
     guard = DeferredInterrupt()
     previous = signal.signal(signal.SIGINT, guard)
     print(f"following {args.job_id} on {str(client.base_url).rstrip('/')} (Ctrl-C detaches; the job keeps running)", flush=True)
@@ -562,7 +563,7 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("follow", help="events and metrics until the job ends (Ctrl-C detaches)")
     f.add_argument("job_id")
     common(f)
-    f.add_argument("--interval", type=float, default=10.0, help="seconds between polls (default 10)")
+    f.add_argument("--interval", type=float, help="seconds between polls (default: the config's poll_interval_s, 10)")
     f.add_argument("--max-failures", dest="max_failures", type=int, default=20,
                    help="consecutive failed polls before giving up (default 20)")
     f.set_defaults(fn=cmd_follow)
