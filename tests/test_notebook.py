@@ -130,7 +130,8 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("TUNEKIT_API_KEY", None)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", coalesce_streams=True,
+                            resources={"metadata": {"path": str(ROOT)}})
     client.reset_execution_trackers()
     failure, t0 = None, time.monotonic()
     try:
@@ -174,6 +175,7 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert "| base (`SmolLM2-135M-Instruct`) |" in outputs_text(report[0])
     images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert images >= 4  # token histogram, loss curve, comparison plots
+    assert everything.count("$ python -m serve.chat") == 2  # one question to each model
     assert "GET / -> HTTP 200" in everything
     assert "stopped vllm_server" in everything and "stopped ui" in everything
     print(f"notebook executed in {elapsed:.0f} s")
