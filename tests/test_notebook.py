@@ -46,6 +46,28 @@ def test_notebook_is_committed_clean_and_tagged():
     assert nb.metadata["colab"]["gpuType"] == "T4"
 
 
+def test_helpers_fail_loudly_and_stop_whole_process_groups(tmp_path, capsys):
+    """The helpers cell on its own: `sh` raises on a failing command; `stop_all` ends a recorded
+    process and its children (one process group), then forgets it."""
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    helpers = next(c.source for c in nb.cells if c.cell_type == "code" and "def stop_all" in c.source)
+    ns = {"WORK_DIR": str(tmp_path)}
+    exec(compile(helpers, "helpers", "exec"), ns)
+    ns["sh"]("echo hello")
+    assert "hello" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="exit status 3"):
+        ns["sh"]("exit 3")
+    log = tmp_path / "bg.out"
+    proc = ns["start"]("sleeper", ["sh", "-c", "sleep 300 & echo started; wait"], log)
+    ns["wait_for"](proc, log, "started", timeout=30)
+    ns["stop_all"](grace=10)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+    assert not (tmp_path / "pids.txt").exists() and "stopped sleeper" in capsys.readouterr().out
+
+
 def cpu_parameters(tmp: Path, server_port: int, ui_port: int) -> str:
     values = {
         "PROFILE": "cpu",
