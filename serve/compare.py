@@ -167,6 +167,11 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 
 def label_metrics(refs: list[str], preds: list[str | None], scores=None, classes=None) -> dict:
+    import warnings
+
+    from sklearn.exceptions import UndefinedMetricWarning
+
+    warnings.filterwarnings("ignore", category=UndefinedMetricWarning)  # absent classes score 0, as documented
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
     labels = sorted(set(refs))
