@@ -502,6 +502,7 @@ def test_finished_job_is_served_by_vllm(vllm_server, tmp_path):
                     "eval_steps": 10, "logging_steps": 5})
     s.env["TUNEKIT_VLLM_KEY"] = vllm_server.api_key
     s.start()
+    job = None
     try:
         c = s.client()
         train = write_jsonl(tmp_path / "train.jsonl", chat_rows(SMOL_TOY) * 2)
@@ -527,3 +528,8 @@ def test_finished_job_is_served_by_vllm(vllm_server, tmp_path):
         assert right >= 2
     finally:
         s.stop()
+        # the vLLM server is shared by the session: leave it serving what it started with
+        if job is not None and job.fine_tuned_model:
+            from serve.adapters import remove_adapter
+
+            remove_adapter(vllm_server.base_url, job.fine_tuned_model, vllm_server.api_key)
