@@ -219,6 +219,21 @@ def test_bad_config_fails_fast_naming_the_key(overrides, expected, tiny_model_di
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_cpu_bf16_is_kept_only_where_the_cpu_has_it(native_bf16, monkeypatch, capsys):
+    """bf16 autocast on a CPU without AVX512-BF16/AMX is emulated (far slower than fp32): fp32 instead, said aloud."""
+    import train.sft as sft
+
+    script, training, model = sft.parse(["--config", str(ROOT / "configs/banking77/sft_cpu.yaml")])
+    assert training.bf16 and training.mixed_precision == "bf16"
+    monkeypatch.setattr(sft, "cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert sft.check_config(script, training, model) == []
+    assert training.bf16 is native_bf16
+    assert training.mixed_precision == ("bf16" if native_bf16 else "no")
+    assert ("training in fp32 instead" in capsys.readouterr().err) is not native_bf16
+
+
 def test_bad_config_under_accelerate_launch_is_one_line_too(tiny_model_dir, toy_data, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", lora_r=128)
     proc = launch(cfg)
