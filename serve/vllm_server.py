@@ -178,6 +178,12 @@ class VLLMServer:
         if device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.cpu_kvcache_gb))
             env["VLLM_TARGET_DEVICE"] = "cpu"
+            cores = sorted(os.sched_getaffinity(0))
+            if len(cores) <= 4 and s.tensor_parallel_size == 1:
+                # vLLM keeps one core for its front end and computes on the rest: half of a 2-core
+                # machine. Computing on every core served 1.4x the requests/s there.
+                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+                env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         return [find_python(self.settings), *args], env
 
     def start(self) -> "VLLMServer":
