@@ -49,12 +49,12 @@ $(MODEL)/config.json: $(STAMP)
 # data -> LoRA training -> vLLM server with the adapter -> comparison of base, fine-tuned and a
 # TF-IDF baseline on the held-out test queries -> runs/demo/compare/report.md.
 DEMO       := runs/demo
-DEMO_STEPS ?= 120
+DEMO_STEPS ?= 160
 demo: $(STAMP) $(VSTAMP) $(MODEL)/config.json
 	@mkdir -p $(DEMO) && date +%s > $(DEMO)/.start
 	$(BIN)/python -m data_prep build --config configs/banking77/build_cards.yaml --out $(DEMO)/data
 	$(BIN)/python -m data_prep build --config configs/banking77/build_cards.yaml --input configs/banking77/data/test.csv \
-		--valid-fraction 0 --out $(DEMO)/test
+		--valid-fraction 0 --sample 540 --out $(DEMO)/test
 	$(BIN)/python -m data_prep validate $(DEMO)/data/train.jsonl $(DEMO)/data/valid.jsonl
 	$(BIN)/python -m data_prep stats $(DEMO)/data/train.jsonl --plot $(DEMO)/data/train_tokens.png
 	$(BIN)/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
