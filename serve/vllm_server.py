@@ -10,9 +10,10 @@ whole process group) on Ctrl-C or SIGTERM. On a GPU it runs the ``vllm`` package
 Settings are the ``server:`` section of the config (see serve/client.py: ServerConfig): a T4 wants
 ``dtype: half``; on a CPU without native bf16 (AVX512-BF16/AMX) ``dtype: auto`` serves float32,
 since vLLM's own auto would pick bf16 and emulate it; ``tensor_parallel_size: N`` shards the model
-over N GPUs; ``quantization: bitsandbytes`` serves the 4-bit base a QLoRA adapter was trained on. ``--max-lora-rank`` is read from
-the adapters, the chat template is the one saved with the first adapter, and sampling defaults are
-pinned (``--generation-config vllm`` plus the config's ``sampling``), never the model's own.
+over N GPUs; ``quantization: bitsandbytes`` serves the 4-bit base a QLoRA adapter was trained on.
+``--max-lora-rank`` is read from the adapters, the chat template is the one saved with the first
+adapter, and sampling defaults are pinned (``--generation-config vllm`` plus the config's
+``sampling``), never the model's own.
 
 Security: binds 127.0.0.1 by default; any other host needs an API key, read from the environment
 variable ``server.api_key_env`` (default TUNEKIT_API_KEY), a ``.env`` file or ``--api-key``. The key
@@ -130,7 +131,7 @@ class VLLMServer:
         name = self.settings.served_base_name()
         dtype = s.dtype
         if dtype == "auto" and device == "cpu" and not cpu_has_bf16():
-            dtype = "float32"  # vLLM's auto is bf16 on every x86 CPU; emulated bf16 is several times slower
+            dtype = "float32"  # vLLM's auto is bf16 on every x86 CPU; emulated bf16 is far slower
         args = ["-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
                 "--host", s.host, "--port", str(s.port), "--dtype", dtype,
                 "--generation-config", "vllm", "--disable-uvicorn-access-log",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def cpu_has_bf16() -> bool:
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and
-    far slower than fp32 (a bf16 matmul measured 80x slower on an AVX2-only EPYC)."""
+    far slower than fp32 (73x for one matmul on an AVX2-only EPYC: bench/cpu_kernels.py)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

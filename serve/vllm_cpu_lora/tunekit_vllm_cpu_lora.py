@@ -62,10 +62,9 @@ def register() -> None:
 
     if not current_platform.is_cpu():
         return
+    import vllm.lora.ops.torch_ops as torch_ops
     import vllm.lora.ops.torch_ops.lora_ops as ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
-
-    import vllm.lora.ops.torch_ops as torch_ops
 
     for module in (ops, torch_ops, punica_cpu):
         module.bgmv_shrink, module.bgmv_expand, module.bgmv_expand_slice = bgmv_shrink, bgmv_expand, bgmv_expand_slice
