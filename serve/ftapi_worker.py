@@ -307,9 +307,6 @@ class Worker:
                              "filename": "step_metrics.csv", "bytes": len(content), "created_at": int(time.time()),
                              "status": "processed"}, str(path))
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-        self.store.update_job(job_id, status="succeeded", fine_tuned_model=name, finished_at=int(time.time()),
-                              result_files=[file_id], trained_tokens=summary.get("train_tokens"),
-                              estimated_finish=None)
         self.store.add_event(job_id, f"New fine-tuned model created: {name} (adapter in {run_dir})")
         try:
             from .registry import record_model
@@ -318,6 +315,7 @@ class Worker:
                          suffix=job.get("user_provided_suffix"))
         except Exception as e:  # the registry is a convenience; the job has succeeded
             self.store.add_event(job_id, f"Could not record the model in the registry: {e}", level="warn")
+        # Load the adapter before the job reads `succeeded`, so a client that sees the status can chat at once.
         if self.cfg.vllm_url:
             from .adapters import add_adapter
 
@@ -326,6 +324,9 @@ class Worker:
                 self.store.add_event(job_id, f"Adapter loaded into the vLLM server at {self.cfg.vllm_url} as {name}")
             except UserError as e:
                 self.store.add_event(job_id, f"The adapter was not loaded into vLLM: {e}", level="warn")
+        self.store.update_job(job_id, status="succeeded", fine_tuned_model=name, finished_at=int(time.time()),
+                              result_files=[file_id], trained_tokens=summary.get("train_tokens"),
+                              estimated_finish=None)
         self.store.add_event(job_id, "The job has successfully completed")
 
 
