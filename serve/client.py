@@ -57,6 +57,7 @@ class ServerConfig:
     api_key_env: str = "TUNEKIT_API_KEY"  # variable holding the key clients must send
     python: str | None = None  # interpreter with vLLM (default: .venv-vllm/bin/python, else this one)
     cpu_kvcache_gb: int = 1  # CPU only: GiB of KV cache
+    block_size: int | None = None  # KV-cache block in tokens; default vLLM's on a GPU, 32 on the CPU (see README)
     startup_timeout_s: int = 900
     extra_args: list[str] = field(default_factory=list)  # passed through to vLLM
 

@@ -3,6 +3,8 @@
     python -m serve.compare --config configs/banking77/compare.yaml
     python -m serve.compare --config configs/banking77/compare.yaml --backend openai --models base,finetuned
     python -m serve.compare --config configs/banking77/compare.yaml --limit 50 --resume
+    python -m serve.compare --config configs/banking77/compare.yaml --start-server \\
+        --adapter steps160=runs/banking77/sft_cpu/checkpoint-160 --models base,steps160,finetuned
 
 Each held-out example (chat JSONL: the last assistant message is the reference) goes to every
 model concurrently (async, ``concurrency`` requests in flight, retries with backoff, pinned
@@ -580,6 +582,9 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/raw and send the rest")
     p.add_argument("--start-server", action="store_true",
                    help="local backend: start the vLLM server of the serve config for this run, stop it after")
+    p.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
+                   help="with --start-server: serve this adapter (a run or checkpoint folder) too, e.g. "
+                        "ckpt160=runs/banking77/sft_cpu/checkpoint-160 --models base,ckpt160,finetuned")
     args = p.parse_args(argv)
 
     overrides = {"limit": args.limit, "data": args.data, "out": args.out, "concurrency": args.concurrency,
@@ -587,6 +592,13 @@ def main(argv=None) -> int:
     cfg = load_config(CompareConfig, args.config, overrides)
     cfg.check(args.config or "compare")
     backend = load_backend(cfg.serve_config, args.backend or cfg.backend)
+    if args.adapter:
+        from .vllm_server import parse_adapters
+
+        if not args.start_server:
+            raise UserError("--adapter needs --start-server; to add an adapter to a running server: "
+                            "python -m serve.adapters add NAME RUN_DIR")
+        backend.settings.server.adapters.update(parse_adapters(args.adapter))
     examples = load_examples(cfg.data, cfg.limit)
     models = {alias: backend.resolve(alias) for alias in cfg.models}
     out = Path(cfg.out)

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, SMOL_TOY, chat_rows, write_jsonl
+from conftest import ROOT, SMOL_TOY, chat_rows, free_port, write_jsonl
 
 
 # ---- scoring, on known answers --------------------------------------------------------------
@@ -158,3 +158,24 @@ def test_unknown_model_and_bad_config_are_clear(vllm_server, toy_compare, tmp_pa
     proc = run_compare(vllm_server, "--config", str(bad))
     assert proc.returncode == 2
     assert "missing.jsonl not found" in proc.stderr and "task: 'regression'" in proc.stderr
+
+
+def test_start_server_with_extra_adapters_compares_a_checkpoint(vllm_server, smol_adapter, toy_compare, tmp_path):
+    """--start-server --adapter NAME=DIR: a training checkpoint is served and scored beside the final adapter."""
+    d, config = toy_compare
+    serve = yaml.safe_load(vllm_server.config.read_text())
+    serve["server"].update(port=free_port(), adapters={})  # a second server, nothing served but the base
+    serve_cfg = tmp_path / "serve.yaml"
+    serve_cfg.write_text(yaml.safe_dump(serve))
+    cfg = config(serve_config=str(serve_cfg), out=str(tmp_path / "out"), models=["ckpt10", "finetuned"],
+                 baseline=False)
+    proc = run_compare(vllm_server, "--config", str(cfg), "--adapter", "x=y")
+    assert proc.returncode == 2 and "--adapter needs --start-server" in proc.stderr
+    ckpt = smol_adapter / "checkpoint-10"
+    proc = run_compare(vllm_server, "--config", str(cfg), "--limit", "8", "--start-server",
+                       "--adapter", f"ckpt10={ckpt}", "--adapter", f"finetuned={smol_adapter}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by = {m["alias"]: m for m in json.loads((tmp_path / "out/metrics.json").read_text())["models"]}
+    assert set(by) == {"ckpt10", "finetuned"}
+    assert by["ckpt10"]["answered"] == by["finetuned"]["answered"] == 8
+    assert by["finetuned"]["accuracy"] >= 0.9

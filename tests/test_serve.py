@@ -234,3 +234,12 @@ def test_bad_adapter_flag_and_missing_model():
     assert proc.returncode == 2 and "expected NAME=RUN_DIR" in proc.stderr
     proc = run_cli("-m", "serve.vllm_server", "--model", "./no/such/model", "--port", str(free_port()))
     assert proc.returncode == 2 and "server.model: ./no/such/model not found" in proc.stderr
+
+
+def test_cpu_block_size_must_be_a_multiple_of_32(tmp_path):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"server": {"model": str(ROOT / ".cache/models/SmolLM2-135M-Instruct"),
+                                              "block_size": 16, "port": free_port(), "device": "cpu"}}))
+    proc = run_cli("-m", "serve.vllm_server", "--config", str(cfg))
+    assert proc.returncode == 2, proc.stderr
+    assert "server.block_size: 16; vLLM's CPU attention takes multiples of 32" in proc.stderr
