@@ -65,7 +65,7 @@ demo: $(STAMP) $(VSTAMP) $(MODEL)/config.json
 	@echo "demo finished in $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) s: report $(DEMO)/compare/report.md," \
 		"adapter $(DEMO)/sft; chat with it: make serve, then python -m serve.chat --config configs/banking77/serve_cards.yaml \"Where is my card?\""
 
-# The full 77-way banking77 task with the demo's CPU profile (~37 min on 2 cores): 320 steps, the
+# The full 77-way banking77 task with the demo's CPU profile (~35 min on 2 cores): 320 steps, the
 # checkpoint at 160 steps scored beside the final adapter -> runs/banking77/compare/report.md.
 FULL       := runs/banking77
 FULL_STEPS ?= 320
