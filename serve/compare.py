@@ -584,7 +584,7 @@ def main(argv=None) -> int:
                    help="local backend: start the vLLM server of the serve config for this run, stop it after")
     p.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
                    help="with --start-server: serve this adapter (a run or checkpoint folder) too, e.g. "
-                        "ckpt160=runs/banking77/sft_cpu/checkpoint-160 --models base,ckpt160,finetuned")
+                        "steps160=runs/banking77/sft_cpu/checkpoint-160 --models base,steps160,finetuned")
     args = p.parse_args(argv)
 
     overrides = {"limit": args.limit, "data": args.data, "out": args.out, "concurrency": args.concurrency,
