@@ -306,3 +306,19 @@ def test_merge_gives_the_same_model_as_base_plus_adapter(trained, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "train.merge", str(tmp_path), "--out", str(tmp_path / "x")],
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_finished_run_is_kept_but_not_mistaken_for_another_step_count(tiny_model_dir, toy_data, tmp_path):
+    """A finished output_dir is reused as is for the same max_steps, and refused (not silently reused) for others."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"steps": 40}))
+    (out / "adapter_config.json").write_text("{}")
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, out, max_steps=40)
+    run = [sys.executable, str(ROOT / "train/sft.py"), "--config", str(cfg)]
+    proc = subprocess.run(run, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "already holds a finished run" in proc.stdout, proc.stderr[-2000:]
+    proc = subprocess.run([*run, "--max_steps", "60"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "holds a finished run of 40 steps and this one asks for max_steps 60" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -338,6 +338,11 @@ def main(argv=None) -> int:
     run_dir = Path(training.output_dir)
 
     if (run_dir / "summary.json").exists() and (run_dir / "adapter_config.json").exists():
+        done = json.loads((run_dir / "summary.json").read_text()).get("steps")
+        if training.max_steps > 0 and done is not None and done != training.max_steps:
+            raise UserError(f"output_dir: {run_dir} holds a finished run of {done} steps and this one asks for "
+                            f"max_steps {training.max_steps}; remove the folder (rm -r {run_dir}) or set another "
+                            "output_dir")
         print(f"{run_dir} already holds a finished run (summary.json); remove it or set another output_dir "
               "to train again", flush=True)
         return 0
