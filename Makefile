@@ -66,17 +66,18 @@ demo: $(STAMP) $(VSTAMP) $(MODEL)/config.json
 		"adapter $(DEMO)/sft; chat with it: make serve, then python -m serve.chat --config configs/banking77/serve_cards.yaml \"Where is my card?\""
 
 # The full 77-way banking77 task with the demo's CPU profile (~35 min on 2 cores): 320 steps, the
-# checkpoint at 160 steps scored beside the final adapter -> runs/banking77/compare/report.md.
+# checkpoint half-way (160 steps) scored beside the final adapter -> runs/banking77/compare/report.md.
 FULL       := runs/banking77
 FULL_STEPS ?= 320
+FULL_HALF  := $(shell expr $(FULL_STEPS) / 2)
 demo-full: $(STAMP) $(VSTAMP) $(MODEL)/config.json
 	$(BIN)/python -m data_prep build --config configs/banking77/build.yaml
 	$(BIN)/python -m data_prep build --config configs/banking77/build.yaml --input configs/banking77/data/test.csv \
 		--valid-fraction 0 --sample 540 --out $(FULL)/test
 	$(BIN)/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train/sft.py --config configs/banking77/sft_cpu.yaml --max_steps $(FULL_STEPS) --eval_steps 160 --save_steps 160
+		train/sft.py --config configs/banking77/sft_cpu.yaml --max_steps $(FULL_STEPS) --eval_steps $(FULL_HALF) --save_steps $(FULL_HALF)
 	$(BIN)/python -m serve.compare --config configs/banking77/compare.yaml --start-server \
-		--adapter steps160=$(FULL)/sft_cpu/checkpoint-160 --models base,steps160,finetuned
+		--adapter steps$(FULL_HALF)=$(FULL)/sft_cpu/checkpoint-$(FULL_HALF) --models base,steps$(FULL_HALF),finetuned
 
 # The demo's server, left running: Ctrl-C stops it.
 serve: $(STAMP) $(VSTAMP) $(MODEL)/config.json
