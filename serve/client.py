@@ -45,12 +45,13 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # a T4 has no bf16: "half"
+    dtype: str = "auto"  # a T4 has no bf16: "half"; "float32" if fp16 overflows (twice the memory)
     max_model_len: int | None = None  # default: the longest example of max_model_len_from + max_tokens
     max_model_len_from: str | None = None  # chat JSONL whose longest example sizes the context
     gpu_memory_utilization: float = 0.90
     tensor_parallel_size: int = 1  # GPUs to shard the model over
-    quantization: str | None = None  # "bitsandbytes": serve a 4-bit base (QLoRA-trained adapters)
+    quantization: str | None = None  # a vLLM --quantization method for a pre-quantized checkpoint (not bitsandbytes)
+    enforce_eager: bool = False  # no CUDA graphs / torch.compile: the fallback when Triton fails on a T4 (slower)
     max_lora_rank: int | None = None  # default: the largest adapter rank, rounded up to what vLLM allows
     max_loras: int = 4  # adapters batched together
     chat_template: str | None = None  # default: chat_template.jinja saved in the first adapter's run dir
@@ -59,6 +60,7 @@ class ServerConfig:
     cpu_kvcache_gb: int = 1  # CPU only: GiB of KV cache
     block_size: int | None = None  # KV-cache block in tokens; default vLLM's on a GPU, 32 on the CPU (see README)
     startup_timeout_s: int = 900
+    smoke_test: bool = True  # after start-up, one chat request; warns when the answer is degenerate ("!!!!")
     extra_args: list[str] = field(default_factory=list)  # passed through to vLLM
 
 

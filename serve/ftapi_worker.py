@@ -218,8 +218,10 @@ class Worker:
         config, info = self.job_config(job, run_dir)
         attempts = self.store.get_private(job_id).get("attempts", 0) + 1
         log = open(run_dir.parent / f"{job_id}.log", "ab")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
                "TUNEKIT_RUN_DIR": str(run_dir)}
+        if Path(str(yaml.safe_load(config.read_text()).get("model_name_or_path", ""))).exists():
+            env.setdefault("HF_HUB_OFFLINE", "1")  # a local base never needs the hub; a hub id downloads
         env.pop(self.cfg.api_key_env, None)
         if self.cfg.omp_num_threads:
             env["OMP_NUM_THREADS"] = str(self.cfg.omp_num_threads)

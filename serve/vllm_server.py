@@ -11,8 +11,14 @@ Settings are the ``server:`` section of the config (see serve/client.py: ServerC
 ``dtype: half``; on a CPU without native bf16 (AVX512-BF16/AMX) ``dtype: auto`` serves float32,
 since vLLM's own auto would pick bf16 and emulate it; on a CPU the KV cache comes in 32-token
 blocks (``block_size``) so that requests sharing a system prompt share its cache;
-``tensor_parallel_size: N`` shards the model over N GPUs; ``quantization: bitsandbytes`` serves the
-4-bit base a QLoRA adapter was trained on.
+``tensor_parallel_size: N`` shards the model over N GPUs. vLLM 0.32 has no bitsandbytes
+quantization: a QLoRA adapter is served on the 16-bit base (Qwen2.5-1.5B in fp16 takes ~3.1 GB of a
+T4's 16). Fallbacks on a T4: ``enforce_eager: true`` (no CUDA graphs, when Triton kernels fail on
+Turing; slower start-up and decoding) and ``dtype: float32`` (when fp16 overflows into "!!!!").
+After start-up one chat request checks the base model answers; a degenerate answer (one character
+repeated) prints a warning naming those fallbacks (``smoke_test: false`` skips it).
+Hub ids download on first use; a local model folder is served with ``HF_HUB_OFFLINE=1`` unless the
+environment sets it.
 ``--max-lora-rank`` is read from the adapters, the chat template is the one saved with the first
 adapter, and sampling defaults are pinned (``--generation-config vllm`` plus the config's
 ``sampling``), never the model's own.
@@ -57,6 +63,49 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+# Run by vLLM's interpreter: parse each command line with vLLM's own argument parser and engine
+# arguments (the CPU and CUDA builds of one version share them), print what vLLM would use.
+VLLM_ARG_CHECK = """
+import json, sys
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+out = []
+for argv in json.load(sys.stdin):
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    validate_parsed_serve_args(args)
+    e = AsyncEngineArgs.from_cli_args(args)
+    out.append({k: getattr(e, k) for k in ("model", "dtype", "quantization", "enforce_eager", "enable_lora",
+                                           "max_lora_rank", "max_loras", "max_model_len", "block_size",
+                                           "gpu_memory_utilization", "tensor_parallel_size")})
+print("VLLM_ARGS " + json.dumps(out, default=str))
+"""
+
+
+def check_with_vllm(commands: list[list[str]], python: str) -> list[dict]:
+    """Parse vLLM command lines (``[python, "-m", module, *args]``) with vLLM's own parser, starting nothing.
+
+    Returns the engine arguments vLLM would use for each; a flag or value vLLM refuses is a UserError
+    with vLLM's own message."""
+    argvs = [cmd[3:] for cmd in commands]
+    # HF_HUB_OFFLINE=1 makes the engine arguments resolve a hub id to a local snapshot; parsing needs neither
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "VLLM_NO_USAGE_STATS": "1",
+           "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cuda" if has_cuda() else "cpu")}
+    proc = subprocess.run([python, "-c", VLLM_ARG_CHECK], input=json.dumps(argvs), capture_output=True, text=True,
+                          env=env, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_ARGS ")]
+    if proc.returncode or not lines:
+        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] or proc.stderr.splitlines()[-3:]
+        raise UserError(f"vLLM refuses the command line: {' '.join(errors[-2:]).strip()}")
+    return json.loads(lines[-1].removeprefix("VLLM_ARGS "))
+
+
+def is_degenerate(answer: str, run: int = 4) -> bool:
+    """An empty answer, or one that is a single character repeated (fp16 overflow gives "!!!!!!")."""
+    text = "".join(answer.split())
+    return not text or (len(text) >= run and len(set(text)) == 1)
 
 
 def parse_adapters(items: list[str] | None) -> dict[str, str]:
@@ -173,17 +222,25 @@ class VLLMServer:
             args += ["--block-size", str(block)]
         if s.tensor_parallel_size != 1:
             args += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
+        if s.quantization == "bitsandbytes":
+            raise UserError("server.quantization: vLLM 0.32 has no bitsandbytes quantization; remove the key to "
+                            "serve the 16-bit base the adapter was trained on (Qwen2.5-1.5B in fp16 fits a T4), "
+                            "or merge the adapter (python -m train.merge) and serve a pre-quantized checkpoint")
         if device == "cuda":
             args += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
             if s.quantization:
                 args += ["--quantization", s.quantization]
         elif s.quantization:
             raise UserError(f"server.quantization: {s.quantization} needs a GPU; remove it to serve on the CPU")
+        if s.enforce_eager:
+            args += ["--enforce-eager"]
         args += list(s.extra_args)
 
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": "1",
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                "VLLM_CACHE_ROOT": str(ROOT / ".cache/vllm"), "VLLM_NO_USAGE_STATS": "1",
                "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if Path(model).exists():  # a local folder never needs the hub; a hub id downloads on first use
+            env.setdefault("HF_HUB_OFFLINE", "1")
         env.pop("VLLM_API_KEY", None)
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
@@ -221,7 +278,27 @@ class VLLMServer:
         except BaseException:
             self.stop()
             raise
+        if s.smoke_test:
+            self.smoke_test()
         return self
+
+    def smoke_test(self) -> str | None:
+        """One short chat request to the base model; warns on stderr when the answer is degenerate."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        body = {"model": self.settings.served_base_name(), "max_tokens": 16, "temperature": 0.0,
+                "messages": [{"role": "user", "content": "Say hello in one short sentence."}]}
+        try:
+            resp = httpx.post(self.base_url + "/chat/completions", json=body, headers=headers, timeout=120)
+            resp.raise_for_status()
+            answer = resp.json()["choices"][0]["message"]["content"] or ""
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+            print(f"warning: the start-up smoke request failed ({e}); log: {self.log_path}", file=sys.stderr)
+            return None
+        if is_degenerate(answer):
+            print(f"warning: the base model answered {answer[:40]!r} to a smoke request: degenerate output, "
+                  "typical of fp16 overflow (Qwen2 models) or broken kernels; try server.dtype: float32 or "
+                  "server.enforce_eager: true", file=sys.stderr, flush=True)
+        return answer
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -323,6 +400,8 @@ def main(argv=None) -> int:
                                      "in process listings)")
     p.add_argument("--log", type=Path, help="vLLM's log file (default runs/serve/vllm-PORT.log)")
     p.add_argument("--quiet", action="store_true", help="do not copy vLLM's log to the console while it starts")
+    p.add_argument("--check", action="store_true",
+                   help="start nothing: print vLLM's command line and check it with vLLM's own argument parser")
     args = p.parse_args(argv)
 
     settings = load_settings(args.config, backend="local")
@@ -333,6 +412,11 @@ def main(argv=None) -> int:
     s.port = args.port or s.port
     api_key = args.api_key or settings.local_api_key()
     server = VLLMServer(settings, api_key=api_key, log_path=args.log, echo=not args.quiet)
+    if args.check:
+        cmd, _env = server.command()
+        engine = check_with_vllm([cmd], cmd[0])[0]
+        print(" ".join(cmd[1:]) + "\n" + ", ".join(f"{k}={v}" for k, v in engine.items()) + "\nvLLM accepts it")
+        return 0
 
     stopping = {"signal": None}
 

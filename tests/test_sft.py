@@ -322,3 +322,99 @@ def test_finished_run_is_kept_but_not_mistaken_for_another_step_count(tiny_model
                           timeout=300)
     assert proc.returncode == 2 and "holds a finished run of 40 steps and this one asks for max_steps 60" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the T4 path on this CPU
+
+
+def t4_profile(tiny_model_dir, toy_data, tmp_path, *extra):
+    """configs/banking77/sft_t4.yaml as train/sft.py parses it, pointed at the tiny model and toy data."""
+    import train.sft as sft
+
+    return sft.parse(["--config", str(ROOT / "configs/banking77/sft_t4.yaml"), "--model_name_or_path",
+                      str(tiny_model_dir), "--train_file", str(toy_data / "train.jsonl"), "--valid_file",
+                      str(toy_data / "valid.jsonl"), "--output_dir", str(tmp_path / "out"), *extra])
+
+
+def test_t4_profile_trains_fp32_lora_weights_on_a_4bit_model(tiny_model_dir, toy_data, tmp_path):
+    """TRL casts a quantized model's trainable parameters to bf16, which fp16's GradScaler refuses at the
+    first optimizer step; the trainer train/sft.py builds holds them in fp32."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoTokenizer
+
+    import train.sft as sft
+
+    script, training, model_args = t4_profile(tiny_model_dir, toy_data, tmp_path)
+    assert training.fp16 and not training.bf16 and model_args.load_in_4bit and model_args.dtype == "float16"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = sft.resolve_chat_template(tok, None)
+    training.chat_template_path = None
+    rows = sft.load_chat_jsonl(str(toy_data / "train.jsonl"), "train_file")
+    model = sft.load_model(model_args, training)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()), "the T4 profile loads the base in 4-bit"
+    trainer = sft.build_trainer(script, training, model_args, model, tok, rows, rows[:8])
+    trainable = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert set(trainable.values()) == {torch.float32}, {n: d for n, d in trainable.items() if d != torch.float32}
+    assert trainer.optimizer is None  # cast before the optimizer exists: it will hold the fp32 parameters
+
+
+def mock_gpu(monkeypatch, name: str, capability: tuple[int, int]):
+    """A CUDA device as torch reports it; is_bf16_supported() counts emulation, so it is True on a T4 too."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr("torch.cuda.get_device_name", lambda device=None: name)
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda including_emulation=True: True)
+
+
+BF16 = {"training": {"bf16": True, "fp16": False}, "model": {"dtype": "bfloat16",
+                                                           "bnb_4bit_compute_dtype": "bfloat16"}}
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("bf16", "bf16: Tesla T4 (compute capability 7.5) has no bf16 (it needs compute capability 8.0"),
+    ("dtype", "dtype: Tesla T4 (compute capability 7.5) has no bf16; set dtype: float16"),
+    ("bnb_4bit_compute_dtype", "bnb_4bit_compute_dtype: Tesla T4 (compute capability 7.5) has no bf16; set "
+                               "bnb_4bit_compute_dtype: float16"),
+])
+def test_bf16_is_refused_on_a_turing_gpu_naming_the_key(key, expected, tiny_model_dir, toy_data, tmp_path,
+                                                        monkeypatch):
+    """On a T4, torch.cuda.is_bf16_supported() says True (emulation counts): the check reads the capability."""
+    import train.sft as sft
+
+    script, training, model_args = t4_profile(tiny_model_dir, toy_data, tmp_path)  # parsed before the mock
+    for section, obj in (("training", training), ("model", model_args)):
+        for name, value in BF16[section].items():
+            if name == key or (key == "bf16" and name == "fp16"):
+                setattr(obj, name, value)
+    mock_gpu(monkeypatch, "Tesla T4", (7, 5))
+    problems = sft.check_config(script, training, model_args)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_t4_profile_passes_on_a_turing_gpu_and_bf16_on_ampere(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    import train.sft as sft
+
+    t4 = t4_profile(tiny_model_dir, toy_data, tmp_path)
+    ampere_bf16 = t4_profile(tiny_model_dir, toy_data, tmp_path)
+    for section, obj in zip(("training", "model"), ampere_bf16[1:]):
+        for name, value in BF16[section].items():
+            setattr(obj, name, value)
+    mock_gpu(monkeypatch, "Tesla T4", (7, 5))
+    assert sft.check_config(*t4) == []
+    assert len(sft.check_config(*ampere_bf16)) == 3
+    mock_gpu(monkeypatch, "NVIDIA A100-SXM4-40GB", (8, 0))
+    assert sft.check_config(*ampere_bf16) == []
+
+
+def test_non_finite_loss_stops_the_run_with_the_cause(tiny_model_dir, toy_data, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", learning_rate=1e30,
+                       logging_steps=1, max_steps=10, eval_strategy="no", save_steps=100)
+    proc = subprocess.run([sys.executable, str(ROOT / "train/sft.py"), "--config", str(cfg)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert line and "training loss is 0.0 with a non-finite entropy of the logits at step 2" in line[0], line
+    assert "likely a learning rate far too high" in line[0] and "lower learning_rate" in line[0], line
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out/summary.json").exists()

@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:  # `python train/sft.py` and `accelerate launch tr
 
 from data_prep.errors import UserError  # noqa: E402
 from train.hardware import cpu_has_bf16  # noqa: E402
+from train.precision import FiniteLossGuard, keep_trainable_fp32, precision_problems  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -149,18 +150,8 @@ def check_config(script, training, model_args) -> list[str]:
     """Problems that would waste a run, found before the model is loaded."""
     import torch
 
-    problems = []
+    problems = precision_problems(training, model_args)
     cuda = torch.cuda.is_available()
-    if training.bf16 and cuda and not torch.cuda.is_bf16_supported():
-        problems.append(f"bf16: {torch.cuda.get_device_name(0)} has no bf16 (Turing/T4 and older); "
-                        "set bf16: false and fp16: true")
-    if training.fp16 and not cuda:
-        problems.append("fp16: mixed precision fp16 needs a CUDA GPU; on CPU set fp16: false "
-                        "(and use_cpu: true)")
-    if training.fp16 and training.bf16:
-        problems.append("fp16/bf16: choose one (a T4 has fp16 only)")
-    if model_args.load_in_4bit and model_args.dtype in ("bfloat16",) and cuda and not torch.cuda.is_bf16_supported():
-        problems.append("dtype: bfloat16 compute is not supported on this GPU; set dtype: float16")
     if (model_args.attn_implementation or "").startswith("flash_attention") and cuda:
         major, _ = torch.cuda.get_device_capability(0)
         if major < 8:
@@ -332,6 +323,33 @@ def load_model(model_args, training):
     return model
 
 
+def build_trainer(script, training, model_args, model, tokenizer, train_rows, valid_rows=None):
+    """TRL's SFTTrainer with the LoRA of the config, its trainable parameters fp32 under fp16, and the
+    non-finite-loss guard. Every path that trains (this script, the fine-tuning API's jobs, the notebook,
+    bench/gpu_check.py) comes through here."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTTrainer, get_peft_config
+
+    peft_config = get_peft_config(model_args)
+    n_layers = model.config.num_hidden_layers
+    if peft_config is not None and script.lora_last_layers and script.lora_last_layers < n_layers:
+        if peft_config.target_modules in ("all-linear", ["all-linear"]):
+            # PEFT takes layers_to_transform only with named modules: name every linear but the head
+            peft_config.target_modules = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
+        peft_config.layers_to_transform = list(range(n_layers - script.lora_last_layers, n_layers))
+    trainer = SFTTrainer(model=model, args=training, train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(valid_rows) if valid_rows else None,
+                         processing_class=tokenizer, peft_config=peft_config)
+    if training.fp16:
+        # TRL casts a quantized model's trainable parameters to bf16; fp16 mixed precision needs them fp32
+        # (the GradScaler refuses bf16 gradients). The optimizer is built in train(), after this.
+        keep_trainable_fp32(trainer.model)
+    trainer.add_callback(FiniteLossGuard("fp16" if training.fp16 else "bf16" if training.bf16 else "fp32"))
+    return trainer
+
+
 def main(argv=None) -> int:
     script, training, model_args = parse(argv)
     started = time.time()
@@ -358,9 +376,7 @@ def main(argv=None) -> int:
         valid_rows = random.Random(training.seed).sample(valid_rows, script.max_eval_examples)
 
     import torch
-    from datasets import Dataset
     from transformers import AutoTokenizer
-    from trl import SFTTrainer, get_peft_config
 
     if script.num_threads:
         torch.set_num_threads(script.num_threads)
@@ -391,19 +407,10 @@ def main(argv=None) -> int:
         raise UserError(f"model_name_or_path: the tokenizer has {len(tokenizer)} tokens but the model only "
                         f"{model.get_input_embeddings().num_embeddings} embeddings; added tokens would need "
                         "new embeddings, which vLLM refuses in an adapter")
-    peft_config = get_peft_config(model_args)
-    n_layers = model.config.num_hidden_layers
-    if peft_config is not None and script.lora_last_layers and script.lora_last_layers < n_layers:
-        if peft_config.target_modules in ("all-linear", ["all-linear"]):
-            # PEFT takes layers_to_transform only with named modules: name every linear but the head
-            peft_config.target_modules = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                                                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n})
-        peft_config.layers_to_transform = list(range(n_layers - script.lora_last_layers, n_layers))
-    trainer = SFTTrainer(model=model, args=training, train_dataset=Dataset.from_list(train_rows),
-                         eval_dataset=Dataset.from_list(valid_rows) if valid_rows else None,
-                         processing_class=tokenizer, peft_config=peft_config)
+    trainer = build_trainer(script, training, model_args, model, tokenizer, train_rows, valid_rows)
     resume_step = int(resume.name.split("-")[1]) if resume else 0
     trainer.add_callback(RunLog(run_dir, resume_step))
+    precision = "fp16" if training.fp16 else "bf16" if training.bf16 else "fp32"
 
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
@@ -451,7 +458,9 @@ def main(argv=None) -> int:
         "eval_mean_token_accuracy_last": eval_recs[-1].get("eval_mean_token_accuracy") if eval_recs else None,
         "peak_cpu_rss_mb": peak_rss_mb(),
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-        "precision": "fp16" if training.fp16 else "bf16" if training.bf16 else "fp32",
+        "precision": precision,
+        "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters()
+                                    if p.requires_grad}),
         "load_in_4bit": model_args.load_in_4bit, "lora_r": model_args.lora_r if model_args.use_peft else None,
         "resumed_from": str(resume) if resume else None, **adapter,
     }
