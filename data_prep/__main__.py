@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from tunekit.errors import UserError
 
 BUILD_FLAGS = "input out system user assistant dropna fillna sample valid_fraction stratify seed max_tokens dedupe clean unicode_form encoding format delimiter model".split()
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .clean import clean_text
-from .errors import UserError
+from tunekit.errors import UserError
 from .sources import check_readable, detect_format, read_jsonl, read_tabular
 from .templates import RowError, compile_template, make_env, render
 from .tokens import MessageCounter

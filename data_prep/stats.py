@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .build import token_stats
-from .config import read_yaml
-from .errors import UserError
+from tunekit.config import read_yaml
+from tunekit.errors import UserError
 from .sources import check_readable, iter_jsonl
 from .validate import MAX_TOKENS_PER_EXAMPLE
 

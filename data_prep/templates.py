@@ -15,7 +15,7 @@ import json
 from jinja2 import StrictUndefined, TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
-from .errors import UserError
+from tunekit.errors import UserError
 
 
 class RowError(Exception):

@@ -19,7 +19,7 @@ import struct
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import UserError
+from tunekit.errors import UserError
 
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"

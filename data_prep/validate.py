@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from tunekit.errors import UserError
 from .sources import check_readable, jsonl_lines
 
 ALLOWED_KEYS = {"role", "content", "name", "function_call", "tool_calls", "tool_call_id", "weight"}

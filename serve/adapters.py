@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from data_prep.errors import UserError
+from tunekit.errors import UserError
 
 SUPPORTED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
 

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from data_prep.errors import UserError
+from tunekit.errors import UserError
 
 from .client import load_backend
 

@@ -26,8 +26,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_prep.config import load_config
-from data_prep.errors import UserError
+from tunekit.config import load_config
+from tunekit.errors import UserError
 
 from . import registry
 

@@ -39,8 +39,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_prep.config import load_config, read_yaml
-from data_prep.errors import UserError
+from tunekit.config import load_config, read_yaml
+from tunekit.errors import UserError
 from data_prep.sources import iter_jsonl
 
 from .client import Backend, load_backend

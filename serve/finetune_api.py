@@ -40,8 +40,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from data_prep.config import load_config, read_yaml
-from data_prep.errors import UserError
+from tunekit.config import load_config, read_yaml
+from tunekit.errors import UserError
+from tunekit.net import is_loopback
 
 PURPOSES = ("assistants", "assistants_output", "batch", "batch_output", "fine-tune", "fine-tune-results",
             "vision", "user_data")
@@ -83,10 +84,6 @@ def load_dotenv(path: Path = Path(".env")) -> None:
             if line and not line.startswith("#") and "=" in line:
                 key, value = line.removeprefix("export ").split("=", 1)
                 os.environ.setdefault(key.strip(), value.strip().strip("'\""))
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def safe_filename(name: str | None) -> str:

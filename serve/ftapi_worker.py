@@ -26,22 +26,14 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.errors import UserError
+from tunekit.cli import accelerate_command
+from tunekit.errors import UserError
 
 from .ftapi_store import Store, new_id
 
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = ("succeeded", "failed", "cancelled")
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
-
-
-def accelerate_command(config: Path) -> list[str]:
-    accelerate = Path(sys.executable).parent / "accelerate"
-    launcher = [str(accelerate)] if accelerate.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
-    if accelerate.exists():
-        launcher.append("launch")
-    return [*launcher, "--quiet", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", str(ROOT / "train" / "sft.py"), "--config", str(config)]
 
 
 def alive(pid: int | None) -> bool:
@@ -179,7 +171,7 @@ class Worker:
 
     def job_config(self, job: dict, run_dir: Path) -> tuple[Path, dict]:
         """The sft config of this job: the base config, the server's overrides, the job's hyperparameters."""
-        from data_prep.config import read_yaml
+        from tunekit.config import read_yaml
         from data_prep.stats import default_epochs
 
         sft = read_yaml(self.cfg.sft_config)

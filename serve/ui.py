@@ -23,10 +23,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from data_prep.errors import UserError
+from tunekit.errors import UserError
+from tunekit.net import is_loopback
 
 from .client import BACKENDS, Backend, load_backend, load_dotenv
-from .vllm_server import is_loopback
 
 AUTH_ENV = "TUNEKIT_UI_AUTH"
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import ipaddress
 import json
 import os
 import shutil
@@ -46,7 +45,8 @@ from pathlib import Path
 
 import httpx
 
-from data_prep.errors import UserError
+from tunekit.errors import UserError
+from tunekit.net import is_loopback
 from train.hardware import cpu_has_bf16
 
 from .adapters import read_adapter, server_rank
@@ -54,15 +54,6 @@ from .client import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_VENV_PYTHON = ROOT / ".venv-vllm/bin/python"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # Run by vLLM's interpreter: parse each command line with vLLM's own argument parser and engine

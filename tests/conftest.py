@@ -170,14 +170,15 @@ def _safe_read(p: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # OpenAI's API description: response bodies are validated against its component schemas.
 
-OPENAPI = ROOT.parent / "shared/openai-openapi/openapi.yaml"
+# The schemas the tests use, vendored from OpenAI's openapi.yaml (tests/data/openai-openapi/extract.py).
+OPENAPI = ROOT / "tests/data/openai-openapi/schemas.yaml"
 
 
 @pytest.fixture(scope="session")
 def openapi_spec() -> dict:
     import yaml
 
-    assert OPENAPI.is_file(), f"{OPENAPI} missing (../shared beside the checkout)"
+    assert OPENAPI.is_file(), f"{OPENAPI} missing (regenerate with tests/data/openai-openapi/extract.py)"
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     return yaml.load(OPENAPI.read_text(encoding="utf-8"), Loader=loader)
 

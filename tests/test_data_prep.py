@@ -13,8 +13,8 @@ from conftest import ROOT, run_cli
 from data_prep.__main__ import main
 from data_prep.build import BuildConfig, build
 from data_prep.clean import clean_text
-from data_prep.config import load_config
-from data_prep.errors import UserError
+from tunekit.config import load_config
+from tunekit.errors import UserError
 
 USE_CASES = sorted(p.parent.name for p in (ROOT / "configs").glob("*/build.yaml"))
 

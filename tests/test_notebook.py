@@ -39,7 +39,8 @@ def test_notebook_is_committed_clean_and_tagged():
     assert len(params) == 1 and 'PROFILE = "t4"' in nb.cells[params[0]].source
     assert cells_with_tag(nb, "cleanup") == [len(nb.cells) - 1], "the last cell stops what the notebook started"
     text = "\n".join(c.source for c in nb.cells)
-    for command in ('pip install -q -e ".[gpu]" -c requirements/constraints.txt', "python -m data_prep build",
+    for command in ('pip install -q -c requirements/constraints.txt -e ".[gpu]"', "python -m train.hardware --require-cuda",
+                    "python -m data_prep build",
                     "python -m data_prep stats", "accelerate launch", "serve.vllm_server", "python -m serve.compare",
                     "serve.ui"):
         assert command in text, command

@@ -193,7 +193,7 @@ def test_result_files_decode_plain_or_base64():
 
 
 def test_openai_and_finetune_api_configs_load():
-    from data_prep.config import load_config
+    from tunekit.config import load_config
     from serve.finetune_api import FinetuneAPIConfig
     from train.openai_ft import OpenAIJobConfig
 

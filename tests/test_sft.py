@@ -260,7 +260,7 @@ def test_unknown_config_key_is_an_error(tiny_model_dir, toy_data, tmp_path):
 
 def test_every_config_yaml_parses_against_its_dataclasses():
     from data_prep.build import BuildConfig
-    from data_prep.config import load_config
+    from tunekit.config import load_config
     from train.sft import parse
 
     seen = 0
@@ -418,3 +418,24 @@ def test_non_finite_loss_stops_the_run_with_the_cause(tiny_model_dir, toy_data, 
     assert line and "training loss is 0.0 with a non-finite entropy of the logits at step 2" in line[0], line
     assert "likely a learning rate far too high" in line[0] and "lower learning_rate" in line[0], line
     assert "Traceback" not in proc.stderr and not (tmp_path / "out/summary.json").exists()
+
+
+def test_hardware_report_stops_without_cuda_naming_the_fix():
+    """What the notebook runs after its install: on this CPU-only torch it must stop, saying why."""
+    proc = subprocess.run([sys.executable, "-m", "train.hardware", "--require-cuda"], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "torch 2.13.0" in proc.stdout
+    assert proc.stderr.startswith("error: CUDA is not usable: torch is a CPU build") and "T4 GPU" in proc.stderr
+    assert subprocess.run([sys.executable, "-m", "train.hardware"], cwd=ROOT, env=env(), capture_output=True,
+                          timeout=120).returncode == 0
+
+
+def test_tunekit_train_runs_from_any_directory_with_kebab_case_flags(tiny_model_dir, toy_data, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", max_steps=40,
+                       eval_strategy="no", save_steps=100)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    proc = subprocess.run([str(Path(sys.executable).parent / "tunekit"), "train", str(cfg), "--max-steps", "3",
+                           "--logging-steps", "1"], cwd=work, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "out/summary.json").read_text())["steps"] == 3

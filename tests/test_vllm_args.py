@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from data_prep.errors import UserError
+from tunekit.errors import UserError
 from serve.client import load_settings
 from serve.vllm_server import CPU_VENV_PYTHON, VLLMServer, check_with_vllm, is_degenerate
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data_prep.errors import UserError  # noqa: E402
+from tunekit.errors import UserError  # noqa: E402
 
 
 def merge(run_dir: Path, out: Path, dtype: str | None = None) -> Path:

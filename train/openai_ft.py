@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data_prep.config import load_config  # noqa: E402
-from data_prep.errors import UserError  # noqa: E402
+from tunekit.config import load_config  # noqa: E402
+from tunekit.errors import UserError  # noqa: E402
 
 BACKENDS = {"openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
             "local": ("http://127.0.0.1:8100/v1", "TUNEKIT_API_KEY")}

@@ -21,7 +21,7 @@ import sys
 
 from transformers import TrainerCallback
 
-from data_prep.errors import UserError
+from tunekit.errors import UserError
 
 BF16_MIN_CAPABILITY = (8, 0)
 

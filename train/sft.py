@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python train/sft.py` and `accelerate launch train/sft.py`
     sys.path.insert(0, str(ROOT))
 
-from data_prep.errors import UserError  # noqa: E402
+from tunekit.errors import UserError  # noqa: E402
 from train.hardware import cpu_has_bf16  # noqa: E402
 from train.precision import FiniteLossGuard, keep_trainable_fp32, precision_problems  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from tunekit.errors import UserError
 
 
 def read_yaml(path: str | Path) -> dict:

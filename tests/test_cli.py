@@ -1,0 +1,56 @@
+"""The `tunekit` command: one entry point for every stage, usable from any directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from tunekit.cli import COMMANDS, SFT_SCRIPT, accelerate_command
+
+TUNEKIT = Path(sys.executable).parent / "tunekit"
+
+
+def tunekit(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TUNEKIT), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_help_lists_every_subcommand_from_an_empty_directory(tmp_path):
+    proc = tunekit("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("build", "validate", "stats", "train", "merge", "serve", "adapters", "chat", "compare", "ui",
+                 "jobs", "api"):
+        assert f"  {name} " in proc.stdout
+
+
+@pytest.mark.parametrize("name", [n for n in COMMANDS if n != "train"])
+def test_each_subcommand_has_help(name, tmp_path):
+    proc = tunekit(name, "--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-1500:]
+
+
+def test_unknown_subcommand_is_one_line(tmp_path):
+    proc = tunekit("trian", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: tunekit trian: no such subcommand")
+    assert "Traceback" not in proc.stderr
+
+
+def test_user_errors_are_one_line_with_exit_2(tmp_path):
+    proc = tunekit("validate", str(tmp_path / "missing.jsonl"), cwd=tmp_path)
+    assert proc.returncode in (1, 2) and "missing.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    proc = tunekit("train", "nope.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: nope.yaml: config file not found (e.g. configs/banking77/sft_cpu.yaml)")
+
+
+def test_train_wraps_accelerate_launch_with_one_process_or_a_config_file():
+    single = accelerate_command("cfg.yaml", ["--max-steps", "5"])
+    assert single[1:3] == ["-m", "accelerate.commands.launch"] and "--num_processes" in single
+    assert single[-5:] == [str(SFT_SCRIPT), "--config", "cfg.yaml", "--max-steps", "5"]
+    multi = accelerate_command("cfg.yaml", [], accelerate_config=str(ROOT / "configs/accelerate/ddp.yaml"))
+    assert "--config_file" in multi and "--num_processes" not in multi

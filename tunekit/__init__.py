@@ -1,0 +1,1 @@
+"""tunekit: the shared core (errors, typed configs, network checks) and the `tunekit` command."""

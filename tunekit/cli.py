@@ -1,0 +1,124 @@
+"""The ``tunekit`` command: every stage of the workflow as a subcommand.
+
+    tunekit --help
+    tunekit build --config configs/banking77/build.yaml
+    tunekit validate runs/banking77/data/train.jsonl
+    tunekit stats runs/banking77/data/train.jsonl --epochs 3
+    tunekit train configs/banking77/sft_cpu.yaml --max-steps 100       # accelerate launch train/sft.py
+    tunekit train configs/banking77/sft_t4.yaml --accelerate-config configs/accelerate/ddp.yaml
+    tunekit serve --config configs/banking77/serve.yaml
+    tunekit compare --config configs/banking77/compare.yaml --start-server
+
+Each subcommand is the module it names (``tunekit serve`` is ``python -m serve.vllm_server``, which
+keeps working); ``tunekit SUBCOMMAND --help`` shows its flags. Training flags are TRL's keys, in
+either spelling (``--max-steps`` or ``--max_steps``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from tunekit.errors import UserError
+
+# subcommand -> (module whose main(argv) runs it, argv prefix, one line of help)
+COMMANDS: dict[str, tuple[str, list[str], str]] = {
+    "build": ("data_prep.__main__", ["build"], "CSV/TSV/JSONL/Parquet -> chat JSONL train/valid split + report"),
+    "validate": ("data_prep.__main__", ["validate"], "check chat JSONL against OpenAI's fine-tuning rules"),
+    "stats": ("data_prep.__main__", ["stats"], "token counts, epochs and the OpenAI training cost of a file"),
+    "train": ("tunekit.cli", [], "LoRA/QLoRA fine-tuning: accelerate launch train/sft.py --config CONFIG"),
+    "merge": ("train.merge", [], "merge a LoRA adapter into its base model (one plain model folder)"),
+    "hardware": ("train.hardware", [], "the GPU, its compute capability, driver and torch CUDA version"),
+    "serve": ("serve.vllm_server", [], "vLLM's OpenAI-compatible server with the base model and adapters"),
+    "adapters": ("serve.adapters", [], "list, load and unload adapters on a running server"),
+    "chat": ("serve.chat", [], "one chat request to a model on either backend"),
+    "compare": ("serve.compare", [], "base vs fine-tuned vs a baseline on held-out data: metrics, report, plots"),
+    "ui": ("serve.ui", [], "the Gradio app: chat with and compare models"),
+    "jobs": ("train.openai_ft", [], "fine-tuning jobs on OpenAI or the local API: create, follow, list, cancel"),
+    "api": ("serve.finetune_api", [], "OpenAI's fine-tuning API, served locally"),
+}
+
+SFT_SCRIPT = Path(__file__).resolve().parent.parent / "train" / "sft.py"
+# accelerate's flags for one process with no config file (they also silence its warnings)
+SINGLE_PROCESS = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def accelerate_command(config: str | Path, overrides: list[str] = (), accelerate_config: str | None = None,
+                       quiet: bool = True) -> list[str]:
+    """``accelerate launch [--config_file F | one process] train/sft.py --config CONFIG OVERRIDES``."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if quiet:
+        launch.append("--quiet")
+    launch += ["--config_file", accelerate_config] if accelerate_config else SINGLE_PROCESS
+    return [*launch, str(SFT_SCRIPT), "--config", str(config), *overrides]
+
+
+def train(argv: list[str]) -> int:
+    """tunekit train CONFIG [--accelerate-config FILE] [TRL/sft.py flags ...]"""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: tunekit train CONFIG [--accelerate-config FILE] [overrides ...]\n\n"
+              "Runs `accelerate launch train/sft.py --config CONFIG [overrides]` from any directory: one process\n"
+              "unless --accelerate-config names an accelerate config (configs/accelerate/ddp.yaml, fsdp.yaml).\n"
+              "Overrides are the config's keys as flags (--max-steps 100, --learning-rate 5e-4); the full list:\n"
+              "  python train/sft.py --help")
+        return 0
+    config, rest = argv[0], list(argv[1:])
+    accelerate_config = None
+    for flag in ("--accelerate-config", "--accelerate_config"):
+        if flag in rest:
+            i = rest.index(flag)
+            if i + 1 >= len(rest):
+                raise UserError(f"{flag}: expected an accelerate config file, e.g. configs/accelerate/ddp.yaml")
+            accelerate_config = rest[i + 1]
+            del rest[i:i + 2]
+    if not Path(config).is_file():
+        raise UserError(f"{config}: config file not found (e.g. configs/banking77/sft_cpu.yaml)")
+    if accelerate_config and not Path(accelerate_config).is_file():
+        raise UserError(f"--accelerate-config: {accelerate_config} not found")
+    cmd = accelerate_command(config, rest, accelerate_config)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SFT_SCRIPT.parent.parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, env)  # accelerate takes over this process: signals and the exit status are its own
+    return 1  # not reached
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, (_m, _p, text) in COMMANDS.items()]
+    return ("usage: tunekit SUBCOMMAND [flags]   (tunekit SUBCOMMAND --help for its flags)\n\n"
+            "Fine-tune chat models on your own data, on OpenAI or locally, with one workflow.\n\n"
+            "subcommands:\n" + "\n".join(lines))
+
+
+def run(main, argv: list[str] | None) -> int:
+    """Call a command's main(argv); a mistake the user can fix is one line and exit status 2."""
+    try:
+        return main(argv) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: tunekit {name}: no such subcommand; use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if name == "train":
+        return run(train, rest)
+    module, prefix, _help = COMMANDS[name]
+    return run(importlib.import_module(module).main, [*prefix, *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
