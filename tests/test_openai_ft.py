@@ -107,7 +107,7 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
         assert (tmp_path / "res/results.png").stat().st_size > 10_000
 
         ckpts = cli("checkpoints", job_id, "--jobs-dir", str(tmp_path / "jobs"), cwd=tmp_path, env=env)
-        assert ckpts.returncode == 0 and f":ckpt-step-16" in ckpts.stdout
+        assert ckpts.returncode == 0 and ":ckpt-step-16" in ckpts.stdout
         status = cli("status", job_id, "--jobs-dir", str(tmp_path / "jobs"), cwd=tmp_path, env=env)
         assert status.returncode == 0 and "succeeded" in status.stdout and "n_epochs 2, batch_size 4" in status.stdout
         listed = cli("list", "--backend", "local", "--base-url", base_url, cwd=tmp_path, env=env)
