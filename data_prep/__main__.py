@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.errors import UserError
 
 BUILD_FLAGS = "input out system user assistant dropna fillna sample valid_fraction stratify seed max_tokens dedupe clean unicode_form encoding format delimiter model".split()
@@ -33,7 +34,7 @@ def parse_fillna(items: list[str] | None) -> dict[str, str] | None:
 
 def cmd_build(args) -> int:
     from .build import BuildConfig, build
-    from .config import load_config
+    from tunekit.config import load_config
 
     overrides = {k: getattr(args, k, None) for k in BUILD_FLAGS}
     overrides["fillna"] = parse_fillna(args.fillna)
@@ -117,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--encoding", help="input encoding (default utf-8; a BOM is fine)")
     b.add_argument("--format", choices=["csv", "jsonl", "parquet"], help="default: from the extension")
     b.add_argument("--delimiter", help="CSV delimiter (default ',')")
-    b.add_argument("--model", help="OpenAI model whose tokenizer counts tokens (default gpt-4o-mini-2024-07-18)")
+    b.add_argument("--model", help=f"OpenAI model whose tokenizer counts tokens (default {DEFAULT_OPENAI_MODEL})")
     b.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bar")
     b.set_defaults(func=cmd_build)
 
@@ -125,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
                        description="Exit status 0 when every file is valid, 1 when not. "
                                    "Problems print as FILE:LINE: code: message (line 0: the whole file).")
     v.add_argument("files", nargs="+", metavar="FILE.jsonl")
-    v.add_argument("--model", default="gpt-4o-mini-2024-07-18", help="OpenAI model (token limit, tokenizer)")
+    v.add_argument("--model", default=DEFAULT_OPENAI_MODEL, help="OpenAI model (token limit, tokenizer)")
     v.add_argument("--tokenizer", help="local model/tokenizer folder: also check its chat template renders")
     v.add_argument("--max-length", dest="max_length", type=int, help="with --tokenizer: longest allowed example")
     v.set_defaults(func=cmd_validate)
@@ -135,10 +136,10 @@ def parser() -> argparse.ArgumentParser:
                                    "estimated training cost and a histogram PNG.")
     s.add_argument("files", nargs="+", metavar="FILE.jsonl")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--model", default="gpt-4o-mini-2024-07-18", help="OpenAI model (default gpt-4o-mini-2024-07-18)")
+    g.add_argument("--model", default=DEFAULT_OPENAI_MODEL, help=f"OpenAI model (default {DEFAULT_OPENAI_MODEL})")
     g.add_argument("--tokenizer", help="count with a local tokenizer's chat template instead")
     s.add_argument("--epochs", type=int, help="epochs to price (default: OpenAI's heuristic)")
-    s.add_argument("--prices", help="prices YAML (default configs/prices.yaml)")
+    s.add_argument("--prices", help="prices YAML (default tunekit/prices.yaml)")
     s.add_argument("--plot", help="histogram PNG path (default FILE_tokens.png beside the file)")
     s.add_argument("--no-plot", action="store_true")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")

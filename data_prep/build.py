@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .clean import clean_text
+from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.errors import UserError
 from .sources import check_readable, detect_format, read_jsonl, read_tabular
 from .templates import RowError, compile_template, make_env, render
@@ -51,7 +52,7 @@ class BuildConfig:
     encoding: str = "utf-8"
     format: str | None = None           # csv | jsonl | parquet (default: from the extension)
     delimiter: str = ","
-    model: str = "gpt-4o-mini-2024-07-18"  # whose tokenizer counts tokens for the report
+    model: str = DEFAULT_OPENAI_MODEL  # whose tokenizer counts tokens for the report
 
     def check(self) -> None:
         problems = []

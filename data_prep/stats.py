@@ -6,7 +6,7 @@
 
 Counts use o200k_base for gpt-4o models (offline, see ``tokens.py``), or a local tokenizer's chat
 template. Cost = billed tokens per epoch x epochs x price per 1M training tokens
-(``configs/prices.yaml``); billed tokens cap each example at 65,536, as OpenAI does.
+(``tunekit/prices.yaml``); billed tokens cap each example at 65,536, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .build import token_stats
+from tunekit.constants import DEFAULT_OPENAI_MODEL, PRICES_FILE
 from tunekit.config import read_yaml
 from tunekit.errors import UserError
 from .sources import check_readable, iter_jsonl
 from .validate import MAX_TOKENS_PER_EXAMPLE
 
-PRICES_FILE = Path(__file__).resolve().parent.parent / "configs" / "prices.yaml"
 TARGET_EPOCHS, MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES = 3, 100, 25_000
 MIN_DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS = 1, 25
 
@@ -76,7 +76,7 @@ def count_tokens(conversations: list[list[dict]], model: str, tokenizer_path: st
     return [counter.messages(c) for c in conversations]
 
 
-def compute(path: Path, model: str = "gpt-4o-mini-2024-07-18", tokenizer: str | None = None,
+def compute(path: Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer: str | None = None,
             epochs: int | None = None, prices_file: Path = PRICES_FILE) -> dict:
     conversations = load_examples(path)
     counts = count_tokens(conversations, model, tokenizer)
@@ -138,7 +138,7 @@ def format_text(s: dict) -> str:
         lines.append(f"  estimated OpenAI training cost: ${s['estimated_cost_usd']:.2f} "
                      f"(${s['price_per_1m_training_tokens']:.2f} per 1M training tokens)")
     elif s["price_per_1m_training_tokens"] is None and s["tokenizer"].startswith(("gpt-", "ft:")):
-        lines.append("  estimated cost: no training price for this model in configs/prices.yaml")
+        lines.append("  estimated cost: no training price for this model in tunekit/prices.yaml")
     if s.get("plot"):
         lines.append(f"  histogram: {s['plot']}")
     return "\n".join(lines)

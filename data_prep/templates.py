@@ -15,6 +15,7 @@ import json
 from jinja2 import StrictUndefined, TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
+from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.errors import UserError
 
 
@@ -43,7 +44,7 @@ def _tojson(value, indent=None):
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
-def _truncate_tokens(value, n: int, model: str = "gpt-4o-mini-2024-07-18"):
+def _truncate_tokens(value, n: int, model: str = DEFAULT_OPENAI_MODEL):
     from .tokens import encoding_for_model
 
     if value is None:

@@ -19,6 +19,7 @@ import struct
 from functools import lru_cache
 from pathlib import Path
 
+from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.errors import UserError
 
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
@@ -130,7 +131,7 @@ class MessageCounter:
     exact o200k/cl100k implementation (same counts, checked by the tests) for large ones.
     """
 
-    def __init__(self, model: str = "gpt-4o-mini-2024-07-18", expected_examples: int | None = None):
+    def __init__(self, model: str = DEFAULT_OPENAI_MODEL, expected_examples: int | None = None):
         fast = _quicktok_counter(model) if (expected_examples or 0) >= QUICKTOK_MIN_EXAMPLES else None
         if fast is not None:
             self.count = fast

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.errors import UserError
 from .sources import check_readable, jsonl_lines
 
@@ -66,7 +67,7 @@ def check_example(ex) -> list[tuple[str, str]]:
     return out
 
 
-def validate_file(path: str | Path, model: str = "gpt-4o-mini-2024-07-18", tokenizer=None,
+def validate_file(path: str | Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer=None,
                   max_length: int | None = None) -> tuple[int, list[Problem]]:
     """Returns (number of examples, problems). ``tokenizer`` is a loaded HF tokenizer or None."""
     from .tokens import MessageCounter

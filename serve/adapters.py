@@ -18,9 +18,10 @@ from pathlib import Path
 
 import httpx
 
+from tunekit.constants import VLLM_LORA_RANKS
 from tunekit.errors import UserError
 
-SUPPORTED_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices
+SUPPORTED_RANKS = VLLM_LORA_RANKS  # vLLM's --max-lora-rank choices
 
 
 def read_adapter(run_dir: str | Path) -> dict:

@@ -26,13 +26,14 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.config import load_config
 from tunekit.errors import UserError
 
 from . import registry
 
 BACKENDS = ("openai", "local")
-DEFAULT_OPENAI_BASE = "gpt-4o-mini-2024-07-18"
+DEFAULT_OPENAI_BASE = DEFAULT_OPENAI_MODEL
 
 
 @dataclass

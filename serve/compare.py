@@ -18,7 +18,7 @@ sampling: temperature 0 and an explicit max_tokens). Scoring follows ``task``:
   text   ROUGE-L F1 against the reference, and optionally an LLM judge (``judge_model``) that sees
          both answers in both orders
 
-Per model: latency p50/p95, input/output tokens, and cost (OpenAI prices from configs/prices.yaml;
+Per model: latency p50/p95, input/output tokens, and cost (OpenAI prices from tunekit/prices.yaml;
 local cost = the model's wall time x ``gpu_hour_usd``). Writes to ``out``: predictions.csv (input,
 reference, each model's answer and score), metrics.json, report.md with PNG plots. Failed requests
 (timeout, server error) and unparseable answers are counted and shown, never dropped: they score as
@@ -39,13 +39,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tunekit.constants import PRICES_FILE
 from tunekit.config import load_config, read_yaml
 from tunekit.errors import UserError
 from data_prep.sources import iter_jsonl
 
 from .client import Backend, load_backend
 
-PRICES_FILE = Path(__file__).resolve().parent.parent / "configs/prices.yaml"
 TASKS = ("label", "json", "text")
 BASELINE = "tfidf-logreg"
 
@@ -389,7 +389,7 @@ def summarise(cfg: CompareConfig, backend: Backend, alias: str, model: str, exam
     if backend.name == "openai":
         price = inference_price(model)
         summary["cost_usd"] = (round((tin * price["input"] + tout * price["output"]) / 1e6, 6) if price else None)
-        summary["cost_basis"] = "configs/prices.yaml" if price else f"no price for {model} in configs/prices.yaml"
+        summary["cost_basis"] = "tunekit/prices.yaml" if price else f"no price for {model} in tunekit/prices.yaml"
     else:
         summary["cost_usd"] = round(summary.get("wall_s", 0) * cfg.gpu_hour_usd / 3600, 6)
         summary["cost_basis"] = f"wall time x gpu_hour_usd {cfg.gpu_hour_usd}"

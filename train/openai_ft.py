@@ -8,7 +8,7 @@
         --base-url http://127.0.0.1:8100/v1
 
 ``create`` checks the files with data_prep's rules, prints the cost estimate (billed tokens x epochs
-x price from configs/prices.yaml), uploads train and valid files (a file already uploaded with the
+x price from tunekit/prices.yaml), uploads train and valid files (a file already uploaded with the
 same content is reused), creates the job and records it in ``runs/openai_jobs/<job id>.json``.
 ``follow`` prints events and metrics until the job ends (Ctrl-C detaches; ``follow`` again picks up
 where it left off) and records the fine-tuned model id in runs/registry.json, where the serving
@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.config import load_config  # noqa: E402
 from tunekit.errors import UserError  # noqa: E402
 
@@ -51,7 +52,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 class OpenAIJobConfig:
     train_file: str = ""
     valid_file: str | None = None
-    model: str = "gpt-4o-mini-2024-07-18"  # the model to fine-tune on OpenAI (and whose tokenizer counts)
+    model: str = DEFAULT_OPENAI_MODEL  # the model to fine-tune on OpenAI (and whose tokenizer counts)
     local_model: str = "SmolLM2-135M-Instruct"  # the model name the local fine-tuning API trains
     suffix: str | None = None
     seed: int | None = 42
@@ -196,7 +197,7 @@ def cost_lines(stats: dict, cfg: OpenAIJobConfig) -> list[str]:
     if cfg.backend == "local":
         lines.append("  local backend: no charge (trains on this machine)")
     elif stats["price_per_1m_training_tokens"] is None:
-        lines.append(f"  no training price for {cfg.model} in configs/prices.yaml: cost unknown")
+        lines.append(f"  no training price for {cfg.model} in tunekit/prices.yaml: cost unknown")
     else:
         lines.append(f"  x ${stats['price_per_1m_training_tokens']:.2f} per 1M tokens = estimated cost "
                      f"${stats['estimated_cost_usd']:.2f}")
@@ -553,7 +554,7 @@ def parser() -> argparse.ArgumentParser:
     common(c, create=True)
     c.add_argument("--train-file", dest="train_file")
     c.add_argument("--valid-file", dest="valid_file")
-    c.add_argument("--model", help="model to fine-tune on OpenAI (default gpt-4o-mini-2024-07-18)")
+    c.add_argument("--model", help=f"model to fine-tune on OpenAI (default {DEFAULT_OPENAI_MODEL})")
     c.add_argument("--suffix")
     c.add_argument("--seed", type=int)
     c.add_argument("--n-epochs", dest="n_epochs", type=int)

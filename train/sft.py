@@ -31,14 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python train/sft.py` and `accelerate launch train/sft.py`
     sys.path.insert(0, str(ROOT))
 
+from tunekit.constants import VLLM_LORA_RANKS  # noqa: E402
 from tunekit.errors import UserError  # noqa: E402
 from train.hardware import cpu_has_bf16  # noqa: E402
 from train.precision import FiniteLossGuard, keep_trainable_fp32, precision_problems  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-# LoRA ranks vLLM's --max-lora-rank accepts
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 GEN_MARKERS = re.compile(r"\{%-?\s*(generation|endgeneration)\s*-?%\}")
 
 

@@ -64,6 +64,11 @@ def train(argv: list[str]) -> int:
               "Overrides are the config's keys as flags (--max-steps 100, --learning-rate 5e-4); the full list:\n"
               "  python train/sft.py --help")
         return 0
+    import importlib.util
+
+    for module in ("accelerate", "trl", "peft", "torch"):
+        if importlib.util.find_spec(module) is None:
+            raise missing_extra(ModuleNotFoundError(name=module))
     config, rest = argv[0], list(argv[1:])
     accelerate_config = None
     for flag in ("--accelerate-config", "--accelerate_config"):
@@ -93,10 +98,27 @@ def usage() -> str:
             "subcommands:\n" + "\n".join(lines))
 
 
+# a missing import -> the extra that installs it (the base install is the OpenAI path, without torch)
+EXTRAS = {"torch": "train", "transformers": "train", "tokenizers": "train", "peft": "train", "trl": "train",
+          "datasets": "train", "accelerate": "train", "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
+          "gradio": "ui", "bitsandbytes": "gpu", "vllm": "gpu"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> UserError | None:
+    extra = EXTRAS.get((e.name or "").split(".")[0])
+    if extra is None:
+        return None
+    return UserError(f"this command needs {e.name}, which the base install leaves out; "
+                     f"pip install \"tunekit-ft[{extra}]\" (from a checkout: pip install -e \".[{extra}]\")")
+
+
 def run(main, argv: list[str] | None) -> int:
     """Call a command's main(argv); a mistake the user can fix is one line and exit status 2."""
     try:
-        return main(argv) or 0
+        try:
+            return main(argv) or 0
+        except ModuleNotFoundError as e:
+            raise (missing_extra(e) or e) from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -117,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if name == "train":
         return run(train, rest)
     module, prefix, _help = COMMANDS[name]
-    return run(importlib.import_module(module).main, [*prefix, *rest])
+    return run(lambda args: importlib.import_module(module).main(args), [*prefix, *rest])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""A non-editable install in a new venv: the base (OpenAI path) installs no torch, ships its data,
+and `tunekit` works from an empty directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+CSV = "text,label\n" + "".join(f"{w} app,{'positive' if i % 2 else 'negative'}\n"
+                               for i, w in enumerate("great awful love hate fine slow best bad nice buggy".split() * 2))
+BUILD = """input: reviews.csv
+out: data
+system: You label app reviews.
+user: "Review: {{ text }}"
+assistant: "{{ label }}"
+valid_fraction: 0.25
+stratify: label
+seed: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def base_venv(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("install")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                    "-w", str(d / "dist")], check=True, capture_output=True, cwd=d, timeout=600)
+    wheel = next((d / "dist").glob("tunekit_ft-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", str(d / "venv")], check=True, timeout=300)
+    proc = subprocess.run([str(d / "venv/bin/pip"), "install", "-q", "-c", str(ROOT / "requirements/constraints.txt"),
+                           str(wheel)], capture_output=True, text=True, cwd=d, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return d / "venv"
+
+
+def run(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run([str(venv / "bin" / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_base_install_has_no_torch_and_ships_its_data(base_venv, tmp_path):
+    code = ("import importlib.util as u, pathlib, sys; "
+            "assert u.find_spec('torch') is None and u.find_spec('transformers') is None; "
+            "import tunekit, train; "
+            "assert 'site-packages' in tunekit.__file__, tunekit.__file__; "
+            "assert (pathlib.Path(train.__path__[0]) / 'templates/smollm2_training.jinja').is_file(); "
+            "from tunekit.constants import PRICES_FILE; assert PRICES_FILE.is_file()")
+    proc = run(base_venv, "python", "-c", code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_tunekit_works_from_an_empty_directory(base_venv, tmp_path):
+    (tmp_path / "reviews.csv").write_text(CSV)
+    (tmp_path / "build.yaml").write_text(BUILD)
+    assert "subcommands:" in run(base_venv, "tunekit", "--help", cwd=tmp_path).stdout
+    built = run(base_venv, "tunekit", "build", "--config", "build.yaml", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert (tmp_path / "data/train.jsonl").is_file() and (tmp_path / "data/report.json").is_file()
+    assert run(base_venv, "tunekit", "validate", "data/train.jsonl", cwd=tmp_path).returncode == 0
+    stats = run(base_venv, "tunekit", "stats", "data/train.jsonl", "--no-plot", cwd=tmp_path)
+    assert stats.returncode == 0 and "$3.00 per 1M training tokens" in stats.stdout, stats.stdout + stats.stderr
+
+
+def test_a_command_that_needs_an_extra_names_it(base_venv, tmp_path):
+    train = run(base_venv, "tunekit", "train", "cfg.yaml", cwd=tmp_path)
+    assert train.returncode == 2 and 'pip install "tunekit-ft[train]"' in train.stderr and "Traceback" not in train.stderr
+    api = run(base_venv, "tunekit", "api", "--help", cwd=tmp_path)
+    assert api.returncode == 2 and 'pip install "tunekit-ft[serve]"' in api.stderr and "Traceback" not in api.stderr
