@@ -29,3 +29,66 @@ def test_every_server_uses_the_one_check():
     import serve.vllm_server
 
     assert serve.vllm_server.is_loopback is serve.finetune_api.is_loopback is serve.ui.is_loopback is is_loopback
+
+
+# ----------------------------------------------------------------------------- typed config loading
+
+
+def config_class(path):
+    """The dataclass a config file of configs/ is read into, by its name."""
+    import importlib
+
+    name = path.name
+    for prefix, (module, cls) in {"build": ("data_prep.build", "BuildConfig"), "serve": ("serve.client", "Settings"),
+                                  "compare": ("serve.compare", "CompareConfig"),
+                                  "openai": ("train.openai_ft", "OpenAIJobConfig"),
+                                  "finetune_api": ("serve.finetune_api", "FinetuneAPIConfig")}.items():
+        if name.startswith(prefix):
+            return getattr(importlib.import_module(module), cls)
+    return None
+
+
+def test_every_config_file_passes_the_type_checks():
+    from conftest import ROOT
+    from tunekit.config import load_config
+
+    checked = 0
+    for path in sorted((ROOT / "configs").glob("*/*.yaml")):
+        cls = config_class(path)
+        if cls is not None:
+            load_config(cls, path)
+            checked += 1
+    assert checked >= 12
+
+
+@pytest.mark.parametrize("text, message", [
+    ("server:\n  port: '8000'\n", "server.port is the text '8000'; write it as a whole number, without quotes"),
+    ("sampling:\n  temperature: '0.5'\n", "sampling.temperature is the text '0.5'; write it as a number"),
+    ("server:\n  adapters: [a, b]\n", "server.adapters is a list; it must be a mapping (key: value per line)"),
+    ("server:\n  adapters:\n    finetuned: [runs/x]\n", "server.adapters.finetuned is a list; it must be text"),
+    ("server:\n  enforce_eager: 'yes'\n", "server.enforce_eager is 'yes' (text); write true or false"),
+    ("max_retries: 2.5\n", "max_retries is 2.5 (a number); it must be a whole number"),
+    ("server:\n  extra_args: --enforce-eager\n", "server.extra_args is '--enforce-eager' (text); it must be a list"),
+    ("server:\n  port:\n", "server.port is empty; give a value or remove the key"),
+    ("server: [1, 2]\n", "server must be a mapping of ServerConfig keys"),
+])
+def test_a_wrong_type_in_yaml_is_one_line_naming_file_and_key(text, message, tmp_path):
+    from serve.client import Settings
+    from tunekit.config import load_config
+    from tunekit.errors import UserError
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_config(Settings, path)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+
+
+def test_a_wrong_type_from_the_command_line_is_one_line_too(tmp_path):
+    from conftest import run_cli
+
+    path = tmp_path / "build.yaml"
+    path.write_text("input: x.csv\nout: out\nsample: '100'\n")
+    proc = run_cli("-m", "data_prep", "build", "--config", str(path), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {path}: sample is the text '100'; write it as a whole number, without quotes")

@@ -7,6 +7,7 @@ Unknown YAML keys are errors that name the key, the file and the keys that exist
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,80 @@ def load_config(cls, path: str | Path | None, overrides: dict[str, Any] | None =
     values: dict[str, Any] = {}
     if path:
         values.update(read_yaml(path))
+        check_types(cls, values, str(path))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_dict(cls, values, str(path) if path else "config")
+
+
+def _describe(value) -> str:
+    kind = {bool: "true/false", int: "a whole number", float: "a number", str: "text", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+    return f"{value!r} ({kind})" if not isinstance(value, (list, dict)) else kind
+
+
+def _type_problem(hint, value) -> str | None:
+    """Why ``value`` (read from YAML) does not fit the type ``hint``; None when it does."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(a, value) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else problems[0]
+    if value is None:
+        return "is empty; give a value or remove the key"
+    if origin is typing.Literal:
+        return None if value in args else f"is {value!r}; use one of {', '.join(map(repr, args))}"
+    if hint is bool:
+        return None if isinstance(value, bool) else f"is {_describe(value)}; write true or false"
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and isinstance(value, float)):
+            quoted = isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).replace("e-", "", 1) \
+                .replace("e", "", 1).isdigit()
+            want = "a whole number" if hint is int else "a number"
+            return (f"is the text {value!r}; write it as {want}, without quotes" if quoted
+                    else f"is {_describe(value)}; it must be {want}")
+        return None
+    if hint is str:
+        return None if isinstance(value, str) else f"is {_describe(value)}; it must be text (quote it)"
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return f"is {_describe(value)}; it must be a list (- item per line, or [a, b])"
+        inner = args[0] if args else Any
+        for i, item in enumerate(value):
+            problem = _type_problem(inner, item)
+            if problem:
+                return f"[{i}]{'' if problem.startswith(('.', '[')) else ' '}{problem}"
+        return None
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            return f"is {_describe(value)}; it must be a mapping (key: value per line)"
+        inner = args[1] if len(args) == 2 else Any
+        for k, item in value.items():
+            problem = _type_problem(inner, item)
+            if problem:
+                return f".{k}{'' if problem.startswith(('.', '[')) else ' '}{problem}"
+        return None
+    return None  # types the YAML cannot spell wrongly in a way we can check (paths, dataclasses below)
+
+
+def check_types(cls, values: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Every YAML value against its dataclass field's type: one line naming the file, the key and the fix."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        hint = hints.get(name)
+        if hint is None:
+            continue  # unknown keys are reported by from_dict, with the keys that exist
+        if dataclasses.is_dataclass(hint):
+            if isinstance(value, dict):
+                check_types(hint, value, where, f"{prefix}{name}.")
+            continue
+        problem = _type_problem(hint, value)
+        if problem:
+            sep = "" if problem.startswith((".", "[")) else " "  # a key or index inside the value
+            raise UserError(f"{where}: {prefix}{name}{sep}{problem}")
 
 
 def from_dict(cls, values: dict[str, Any], where: str, prefix: str = ""):
