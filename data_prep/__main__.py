@@ -117,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--unicode-form", dest="unicode_form", choices=["NFC", "NFKC", "NFD", "NFKD", "none"])
     b.add_argument("--encoding", help="input encoding (default utf-8; a BOM is fine)")
     b.add_argument("--format", choices=["csv", "jsonl", "parquet"], help="default: from the extension")
-    b.add_argument("--delimiter", help="CSV delimiter (default ',')")
+    b.add_argument("--delimiter", help="CSV delimiter (default: tab for .tsv, ',' otherwise)")
     b.add_argument("--model", help=f"OpenAI model whose tokenizer counts tokens (default {DEFAULT_OPENAI_MODEL})")
     b.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bar")
     b.set_defaults(func=cmd_build)

@@ -26,7 +26,7 @@ from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.errors import UserError
 from .sources import check_readable, detect_format, read_jsonl, read_tabular
 from .templates import RowError, compile_template, make_env, render
-from .tokens import MessageCounter
+from .tokens import MessageCounter, encoding_name
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -51,7 +51,7 @@ class BuildConfig:
     unicode_form: str = "NFC"
     encoding: str = "utf-8"
     format: str | None = None           # csv | jsonl | parquet (default: from the extension)
-    delimiter: str = ","
+    delimiter: str | None = None       # default: tab for .tsv, comma otherwise
     model: str = DEFAULT_OPENAI_MODEL  # whose tokenizer counts tokens for the report
 
     def check(self) -> None:
@@ -139,6 +139,7 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
     """Run the whole build; returns the report (also written to OUT/report.json)."""
     started = time.perf_counter()
     cfg.check()
+    encoding_name(cfg.model)   # an unknown model fails here, before the input is read
     path = Path(cfg.input)
     fmt = detect_format(path, cfg.format)
     check_readable(path, fmt)

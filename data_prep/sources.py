@@ -40,6 +40,13 @@ class Source:
     sampled_out: int = 0                              # rows passed over by the sample
 
 
+def csv_delimiter(path: Path, delimiter: str | None) -> str:
+    """The delimiter to read with: an explicit one wins, else tab for ``.tsv`` and comma otherwise."""
+    if delimiter is not None:
+        return delimiter
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
 def detect_format(path: Path, fmt: str | None) -> str:
     if fmt:
         if fmt not in ("csv", "jsonl", "parquet"):
@@ -113,8 +120,9 @@ def _duckdb_error(path: Path, e: Exception, encoding: str, delimiter: str = ",")
                          "fix the quoting or escape quotes inside values as \"\"")
     m = re.search(r"Expected Number of Columns: (\d+) Found: (\d+)", msg)
     if m:
+        what = {",": "commas", "\t": "tabs", ";": "semicolons"}.get(delimiter, repr(delimiter))
         return UserError(f"{where}: expected {m.group(1)} columns, found {m.group(2)} "
-                         "(ragged row); fix the row or quote values that contain commas")
+                         f"(ragged row); fix the row or quote values that contain {what}")
     if "Invalid unicode" in msg or "not utf-8" in msg:
         return UserError(f"{where}: invalid UTF-8 (file read as {encoding}); "
                          "pass --encoding with the file's real encoding, e.g. --encoding latin-1")
@@ -168,10 +176,12 @@ def transcode_to_utf8(path: Path, encoding: str) -> Path:
 
 def read_tabular(path: Path, fmt: str, needed: list[str], fillna: dict[str, str], dropna: list[str],
                  sample: int | None, seed: int, encoding: str = "utf-8",
-                 delimiter: str = ",", keep: dict[str, list[str]] | None = None) -> Source:
+                 delimiter: str | None = None, keep: dict[str, list[str]] | None = None) -> Source:
+    """``delimiter`` None: by the extension (tab for .tsv, comma otherwise)."""
     import duckdb
 
     tmp = None
+    delimiter = csv_delimiter(path, delimiter)
     enc = encoding.lower().replace("_", "-")
     if fmt == "csv":
         columns = csv_header(path, encoding, delimiter)

@@ -100,13 +100,12 @@ def compute(path: Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer: str | None
 
 
 def histogram(counts: list[int], out: Path, title: str, limit: int | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib's object API: no pyplot, so no backend switch (a notebook's stays as it is)
     import numpy as np
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     ax.hist(counts, bins=min(50, max(5, len(set(counts)))), color="#4C72B0", edgecolor="white")
     for q, style in ((50, "-"), (95, "--")):
         v = float(np.percentile(counts, q))
@@ -120,7 +119,6 @@ def histogram(counts: list[int], out: Path, title: str, limit: int | None = None
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 

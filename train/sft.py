@@ -238,10 +238,8 @@ def peak_rss_mb() -> float:
 
 
 def plot_metrics(run_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib's object API: no pyplot, so no backend switch (a notebook's stays as it is)
+    from matplotlib.figure import Figure
 
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -255,7 +253,8 @@ def plot_metrics(run_dir: Path) -> list[str]:
         ev = [(r["step"], r[eval_key]) for r in recs if eval_key in r]
         if not tr and not ev:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        fig = Figure(figsize=(7, 4), dpi=110)
+        ax = fig.subplots()
         if tr:
             ax.plot(*zip(*tr), label="train", color="#4C72B0")
         if ev:
@@ -267,7 +266,6 @@ def plot_metrics(run_dir: Path) -> list[str]:
         ax.legend()
         fig.tight_layout()
         fig.savefig(run_dir / name)
-        plt.close(fig)
         written.append(str(run_dir / name))
     return written
 
