@@ -14,7 +14,7 @@ TORCH_INDEX ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-full serve test setup serve-setup model bench clean gpu-resolve
+.PHONY: demo demo-full serve test test-fast setup serve-setup model bench clean gpu-resolve
 
 setup: $(STAMP)
 
@@ -95,6 +95,12 @@ test: $(STAMP) $(VSTAMP) $(MODEL)/config.json $(BROWSER)
 # Does the README's GPU install (constraints + ".[gpu]") resolve on Python 3.12 and 3.13? pip dry runs, ~3 min.
 gpu-resolve:
 	bash .ci/gpu_resolve.sh
+
+# The unit lane: no servers, no training runs (tests marked slow, or using a fixture that starts one,
+# are left out); under 2 minutes on 2 cores. Needs only `make setup`.
+test-fast: $(STAMP)
+	@$(BIN)/python -m pytest -q -m "not slow"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_prep.py

@@ -18,6 +18,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CHATML = (ROOT / "train/templates/smollm2.jinja").read_text(encoding="utf-8")
 
 
+# Fixtures that start a server, a training run or an install: a test that uses one is `slow` (left
+# out of `make test-fast`) without saying so itself.
+SLOW_FIXTURES = {"vllm_server", "smol_adapter", "server", "seed_job", "trained", "base_venv", "ui", "browser", "page",
+                 "backend", "toy_compare"}
+# Modules whose every test starts vLLM or runs a notebook (helpers there start their own).
+SLOW_MODULES = {"test_vllm_cpu_lora", "test_notebook", "test_compare", "test_serve", "test_ui", "test_finetune_api",
+                "test_openai_ft"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m ...` as a user would; returns the finished process (text output)."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,

@@ -361,6 +361,7 @@ def test_validate_needs_ten_examples_and_handles_empty_files(tmp_path):
     assert f"{empty}:0: empty_file" in proc.stdout
 
 
+@pytest.mark.slow
 def test_validate_local_model_rules(tmp_path, tiny_tokenizer_dir):
     long = {"messages": [{"role": "user", "content": "w1 " * 300}, {"role": "assistant", "content": "yes"}]}
     f = _jsonl(tmp_path / "t.jsonl", [good(i) for i in range(10)] + [long])
@@ -437,6 +438,7 @@ def test_stats_cost_estimate_and_histogram(tmp_path):
     assert "epochs: 3 (default heuristic)" in text.stdout and "estimated OpenAI training cost: $" in text.stdout
 
 
+@pytest.mark.slow
 def test_stats_with_a_local_tokenizer(tmp_path, tiny_tokenizer_dir):
     f = _jsonl(tmp_path / "train.jsonl", [good(i) for i in range(10)])
     proc = run_cli("-m", "data_prep", "stats", str(f), "--tokenizer", str(tiny_tokenizer_dir), "--json", "--no-plot")

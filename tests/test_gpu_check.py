@@ -140,6 +140,7 @@ def test_steady_tokens_per_s_and_run_checks(gc):
         assert [n for n, ok, _ in gc.run_checks(run, 5, want_4bit=True) if not ok] == [name], name
 
 
+@pytest.mark.slow
 def test_serving_settings_parse_with_vllms_own_parser(gc, tmp_path):
     from serve.vllm_server import CPU_VENV_PYTHON, VLLMServer, check_with_vllm
 

@@ -46,8 +46,9 @@ def test_a_child_dies_with_its_parent_even_on_sigkill():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_run_cleanup_like_ctrl_c(sig):
-    code = ("import time\nfrom tunekit.processes import signals_raise\nsignals_raise()\nprint('ready', flush=True)\n"
-            "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('cleaned up', flush=True)\n")
+    code = ("import time\nfrom tunekit.processes import signals_raise\nsignals_raise()\n"
+            "try:\n    print('ready', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            "    print('cleaned up', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.readline().strip() == "ready"

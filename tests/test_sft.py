@@ -177,6 +177,7 @@ def test_only_assistant_tokens_carry_labels(tiny_model_dir, toy_data, tmp_path):
     assert trained_tokens == ["yes", "<|im_end|>"]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_checkpoint(tiny_model_dir, toy_data, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", max_steps=40,
                        save_steps=10, eval_strategy="no", logging_steps=1)
@@ -202,6 +203,7 @@ def test_sigkill_mid_run_resumes_from_checkpoint(tiny_model_dir, toy_data, tmp_p
         json.loads((tmp_path / "out/summary.json").read_text())["resumed_from"].endswith("checkpoint-30")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, expected", [
     ({"train_file": "nope.jsonl"}, "train_file: nope.jsonl not found"),
     ({"bf16": True, "use_cpu": False}, "bf16: this machine has no GPU with bf16"),
@@ -234,6 +236,7 @@ def test_cpu_bf16_is_kept_only_where_the_cpu_has_it(native_bf16, monkeypatch, ca
     assert ("training in fp32 instead" in capsys.readouterr().err) is not native_bf16
 
 
+@pytest.mark.slow
 def test_bad_config_under_accelerate_launch_is_one_line_too(tiny_model_dir, toy_data, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", lora_r=128)
     proc = launch(cfg)
@@ -241,6 +244,7 @@ def test_bad_config_under_accelerate_launch_is_one_line_too(tiny_model_dir, toy_
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_malformed_dataset_is_named_with_its_line(tiny_model_dir, toy_data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text((toy_data / "train.jsonl").read_text() + '{"messages": [{"role": "user"}]}\nnot json\n')
@@ -251,6 +255,7 @@ def test_malformed_dataset_is_named_with_its_line(tiny_model_dir, toy_data, tmp_
     assert f"{bad}:34: invalid_json" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_an_error(tiny_model_dir, toy_data, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", learning_rat=0.1)
     proc = subprocess.run([sys.executable, str(ROOT / "train/sft.py"), "--config", str(cfg)], cwd=ROOT, env=env(),
@@ -309,6 +314,7 @@ def test_merge_gives_the_same_model_as_base_plus_adapter(trained, tmp_path):
     assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_finished_run_is_kept_but_not_mistaken_for_another_step_count(tiny_model_dir, toy_data, tmp_path):
     """A finished output_dir is reused as is for the same max_steps, and refused (not silently reused) for others."""
     out = tmp_path / "out"
@@ -409,6 +415,7 @@ def test_t4_profile_passes_on_a_turing_gpu_and_bf16_on_ampere(tiny_model_dir, to
     assert sft.check_config(*ampere_bf16) == []
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_with_the_cause(tiny_model_dir, toy_data, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", learning_rate=1e30,
                        logging_steps=1, max_steps=10, eval_strategy="no", save_steps=100)
@@ -431,6 +438,7 @@ def test_hardware_report_stops_without_cuda_naming_the_fix():
                           timeout=120).returncode == 0
 
 
+@pytest.mark.slow
 def test_tunekit_train_runs_from_any_directory_with_kebab_case_flags(tiny_model_dir, toy_data, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", max_steps=40,
                        eval_strategy="no", save_steps=100)

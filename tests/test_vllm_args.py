@@ -36,6 +36,7 @@ def settings_for(config: Path, adapter_dir: Path, **server):
     return settings
 
 
+@pytest.mark.slow
 def test_every_serve_config_and_its_fallbacks_parse_with_vllms_own_parser(adapter_dir):
     assert len(SERVE_CONFIGS) >= 3
     cases = [(c.name, {}) for c in SERVE_CONFIGS]
@@ -52,6 +53,7 @@ def test_every_serve_config_and_its_fallbacks_parse_with_vllms_own_parser(adapte
     assert got["serve_cards.yaml{}"]["block_size"] == 32  # the CPU server's block (README)
 
 
+@pytest.mark.slow
 def test_a_value_vllm_refuses_fails_here_with_vllms_message(adapter_dir):
     cmd = VLLMServer(settings_for(ROOT / "configs/banking77/serve_t4.yaml", adapter_dir,
                                   extra_args=["--max-lora-rank", "24"])).command()[0]
