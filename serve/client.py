@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunekit.constants import DEFAULT_OPENAI_MODEL
-from tunekit.config import load_config
+from tunekit.config import load_config, load_dotenv
 from tunekit.errors import UserError
 
 from . import registry
@@ -106,19 +106,6 @@ class Settings:
 
     def served_base_name(self) -> str:
         return self.server.served_model_name or Path(self.server.model.rstrip("/")).name
-
-
-def load_dotenv(path: str | Path = ".env") -> None:
-    """KEY=VALUE lines of ``.env`` into os.environ, without overriding what is already set."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, value = line.removeprefix("export ").split("=", 1)
-        os.environ.setdefault(key.strip(), value.strip().strip("'\""))
 
 
 def load_settings(config: str | Path | None = None, backend: str | None = None) -> Settings:

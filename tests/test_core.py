@@ -92,3 +92,17 @@ def test_a_wrong_type_from_the_command_line_is_one_line_too(tmp_path):
     proc = run_cli("-m", "data_prep", "build", "--config", str(path), cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         f"error: {path}: sample is the text '100'; write it as a whole number, without quotes")
+
+
+def test_dotenv_fills_only_what_the_environment_lacks(tmp_path, monkeypatch):
+    from tunekit.config import load_dotenv
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TK_SET", "from-env")
+    monkeypatch.delenv("TK_QUOTED", raising=False)
+    monkeypatch.delenv("TK_PLAIN", raising=False)
+    (tmp_path / ".env").write_text("# keys\nexport TK_QUOTED='a b # c'\nTK_PLAIN=x # note\nTK_SET=from-file\n")
+    load_dotenv()
+    import os
+
+    assert (os.environ["TK_QUOTED"], os.environ["TK_PLAIN"], os.environ["TK_SET"]) == ("a b # c", "x", "from-env")

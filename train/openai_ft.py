@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tunekit.constants import DEFAULT_OPENAI_MODEL
-from tunekit.config import load_config  # noqa: E402
+from tunekit.config import load_config, load_dotenv  # noqa: E402
 from tunekit.errors import UserError  # noqa: E402
 
 BACKENDS = {"openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
@@ -70,15 +70,6 @@ class OpenAIJobConfig:
 
 
 # ----------------------------------------------------------------------------- client and records
-
-
-def load_dotenv(path: Path = Path(".env")) -> None:
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#") and "=" in line:
-                key, value = line.removeprefix("export ").split("=", 1)
-                os.environ.setdefault(key.strip(), value.strip().strip("'\""))
 
 
 def make_client(backend: str, base_url: str | None, max_retries: int = 5, timeout_s: float = 120.0):

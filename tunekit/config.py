@@ -140,3 +140,12 @@ def from_dict(cls, values: dict[str, Any], where: str, prefix: str = ""):
             value = from_dict(sub, value, where, f"{prefix}{name}.")
         out[name] = value
     return cls(**out)
+
+
+def load_dotenv(path: str | Path = ".env") -> None:
+    """KEY=VALUE lines of ``.env`` (in the working directory) into os.environ, never overriding what the
+    environment already sets; python-dotenv's parser (quotes, ``export``, comments, multi-line values)."""
+    import dotenv
+
+    if Path(path).is_file():
+        dotenv.load_dotenv(path, override=False)
