@@ -17,28 +17,14 @@ from pathlib import Path
 from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.errors import UserError
 
-BUILD_FLAGS = "input out system user assistant dropna fillna sample valid_fraction stratify seed max_tokens dedupe clean unicode_form encoding format delimiter model".split()
-
-
-def parse_fillna(items: list[str] | None) -> dict[str, str] | None:
-    if not items:
-        return None
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--fillna {item}: expected COLUMN=VALUE")
-        col, value = item.split("=", 1)
-        out[col] = value
-    return out
 
 
 def cmd_build(args) -> int:
-    from .build import BuildConfig, build
-    from tunekit.config import load_config
+    from tunekit.config import flag_overrides, load_config
 
-    overrides = {k: getattr(args, k, None) for k in BUILD_FLAGS}
-    overrides["fillna"] = parse_fillna(args.fillna)
-    cfg = load_config(BuildConfig, args.config, overrides)
+    from .build import BuildConfig, build
+
+    cfg = load_config(BuildConfig, args.config, flag_overrides(args, args.config_flags))
     report = build(cfg, progress=not args.quiet)
     out = Path(cfg.out)
     ro, tk = report["rows_out"], report["tokens"]
@@ -90,6 +76,10 @@ def cmd_stats(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from tunekit.config import add_dataclass_flags
+
+    from .build import BuildConfig
+
     p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,30 +87,12 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="CSV/JSONL/Parquet -> train.jsonl, valid.jsonl, report.json",
                        description="Build chat fine-tuning files. Config keys mirror the flags "
                                    "(valid_fraction for --valid-fraction); flags override the config.",
-                       argument_default=argparse.SUPPRESS)
+                       )
     b.add_argument("--config", default=None, help="YAML file whose keys mirror these flags")
-    b.add_argument("--input", help="CSV, JSONL or Parquet file")
-    b.add_argument("--out", help="output folder")
-    b.add_argument("--system", help="system prompt (a template too)")
-    b.add_argument("--user", help="Jinja2 template for the user message, e.g. 'Review: {{ review_text }}'")
-    b.add_argument("--assistant", help="Jinja2 template for the assistant answer")
-    b.add_argument("--dropna", nargs="+", metavar="COL", help="drop rows where any of these columns is empty")
-    b.add_argument("--fillna", nargs="+", metavar="COL=VALUE", default=None, help="fill empty cells of a column")
-    b.add_argument("--sample", type=int, metavar="N", help="keep a seeded random sample of N examples")
-    b.add_argument("--valid-fraction", dest="valid_fraction", type=float, metavar="F", help="default 0.2")
-    b.add_argument("--stratify", metavar="COL", help="keep this column's label proportions in both files")
-    b.add_argument("--seed", type=int, help="seed for sampling and the split (default 42)")
-    b.add_argument("--max-tokens", dest="max_tokens", type=int, metavar="N", help="drop longer examples")
-    b.add_argument("--dedupe", action="store_const", const=True, help="drop exact duplicate examples")
-    b.add_argument("--no-clean", dest="clean", action="store_const", const=False,
-                   help="keep HTML, entities and whitespace as they are")
-    b.add_argument("--unicode-form", dest="unicode_form", choices=["NFC", "NFKC", "NFD", "NFKD", "none"])
-    b.add_argument("--encoding", help="input encoding (default utf-8; a BOM is fine)")
-    b.add_argument("--format", choices=["csv", "jsonl", "parquet"], help="default: from the extension")
-    b.add_argument("--delimiter", help="CSV delimiter (default: tab for .tsv, ',' otherwise)")
-    b.add_argument("--model", help=f"OpenAI model whose tokenizer counts tokens (default {DEFAULT_OPENAI_MODEL})")
+    flags = add_dataclass_flags(b, BuildConfig, metavars={"dropna": "COL", "fillna": "COL=VALUE", "sample": "N",
+                                                          "valid_fraction": "F", "stratify": "COL", "max_tokens": "N"})
     b.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bar")
-    b.set_defaults(func=cmd_build)
+    b.set_defaults(func=cmd_build, config_flags=flags)
 
     v = sub.add_parser("validate", help="check chat JSONL against OpenAI's rules (and a local model's)",
                        description="Exit status 0 when every file is valid, 1 when not. "

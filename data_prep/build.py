@@ -20,6 +20,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .clean import clean_text
 from tunekit.constants import DEFAULT_OPENAI_MODEL
@@ -33,26 +34,37 @@ ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass
 class BuildConfig:
-    input: str = ""
-    out: str = ""
-    system: str | None = None           # system prompt (a template too); replaces one in conversations
-    user: str | None = None             # Jinja2 template over the row's columns
-    assistant: str | None = None        # Jinja2 template over the row's columns
-    dropna: list[str] = field(default_factory=list)      # drop rows where any of these is empty
-    fillna: dict[str, str] = field(default_factory=dict)  # fill empty cells: {column: value}
-    keep: dict[str, list[str]] = field(default_factory=dict)  # keep only rows whose column is one of these values
-    sample: int | None = None           # keep a seeded random sample of this many examples
-    valid_fraction: float = 0.2
-    stratify: str | None = None         # column whose label proportions both files keep
-    seed: int = 42
-    max_tokens: int | None = None       # drop examples longer than this (o200k_base tokens)
-    dedupe: bool = False                # drop exact duplicate examples (they never straddle the split anyway)
-    clean: bool = True                  # strip HTML, decode entities, normalise Unicode and whitespace
-    unicode_form: str = "NFC"
-    encoding: str = "utf-8"
-    format: str | None = None           # csv | jsonl | parquet (default: from the extension)
-    delimiter: str | None = None       # default: tab for .tsv, comma otherwise
-    model: str = DEFAULT_OPENAI_MODEL  # whose tokenizer counts tokens for the report
+    """The keys of a build config file; each is also a flag of ``python -m data_prep build``."""
+
+    input: str = field(default="", metadata={"help": "CSV, TSV, JSONL or Parquet file"})
+    out: str = field(default="", metadata={"help": "output folder"})
+    system: str | None = field(default=None, metadata={
+        "help": "system prompt (a template too); replaces the one in conversations"})
+    user: str | None = field(default=None, metadata={
+        "help": "Jinja2 template for the user message over the row's columns, e.g. 'Review: {{ review_text }}'"})
+    assistant: str | None = field(default=None, metadata={"help": "Jinja2 template for the assistant answer"})
+    dropna: list[str] = field(default_factory=list, metadata={"help": "drop rows where any of these columns is empty"})
+    fillna: dict[str, str] = field(default_factory=dict, metadata={"help": "fill empty cells of a column"})
+    keep: dict[str, list[str]] = field(default_factory=dict, metadata={
+        "help": "keep only rows whose column is one of these values (config file only)"})
+    sample: int | None = field(default=None, metadata={"help": "keep a seeded random sample of N examples"})
+    valid_fraction: float = field(default=0.2, metadata={"help": "share of examples in valid.jsonl"})
+    stratify: str | None = field(default=None, metadata={
+        "help": "column whose label proportions both files keep"})
+    seed: int = field(default=42, metadata={"help": "seed for sampling and the split"})
+    max_tokens: int | None = field(default=None, metadata={"help": "drop examples longer than N o200k tokens"})
+    dedupe: bool = field(default=False, metadata={
+        "help": "drop exact duplicate examples (they never straddle the split either way)"})
+    clean: bool = field(default=True, metadata={
+        "help": "strip HTML, decode entities, normalise Unicode and whitespace in the data"})
+    unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = field(default="NFC", metadata={
+        "help": "Unicode normalisation of the data"})
+    encoding: str = field(default="utf-8", metadata={"help": "input encoding (a BOM is fine)"})
+    format: Literal["csv", "jsonl", "parquet"] | None = field(default=None, metadata={
+        "help": "input format (default: from the extension)"})
+    delimiter: str | None = field(default=None, metadata={"help": "CSV delimiter (default: tab for .tsv, ',' otherwise)"})
+    model: str = field(default=DEFAULT_OPENAI_MODEL, metadata={
+        "help": "OpenAI model whose tokenizer counts tokens for the report"})
 
     def check(self) -> None:
         problems = []

@@ -106,3 +106,19 @@ def test_dotenv_fills_only_what_the_environment_lacks(tmp_path, monkeypatch):
     import os
 
     assert (os.environ["TK_QUOTED"], os.environ["TK_PLAIN"], os.environ["TK_SET"]) == ("a b # c", "x", "from-env")
+
+
+def test_build_flags_are_generated_from_the_config_fields():
+    """Every key of a build config is a flag (but the nested `keep`), and a flag given overrides the YAML."""
+    import dataclasses
+
+    from data_prep.__main__ import parser
+    from data_prep.build import BuildConfig
+    from tunekit.config import flag_overrides
+
+    args = parser().parse_args(["build", "--valid_fraction", "0.3", "--no-clean", "--fillna", "a=b", "c=d",
+                                "--dropna", "x", "y", "--unicode-form", "NFKC", "--sample", "5"])
+    assert set(args.config_flags) == {f.name for f in dataclasses.fields(BuildConfig)} - {"keep"}
+    given = {k: v for k, v in flag_overrides(args, args.config_flags).items() if v is not None}
+    assert given == {"valid_fraction": 0.3, "clean": False, "fillna": {"a": "b", "c": "d"}, "dropna": ["x", "y"],
+                     "unicode_form": "NFKC", "sample": 5}

@@ -6,6 +6,7 @@ Unknown YAML keys are errors that name the key, the file and the keys that exist
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -149,3 +150,65 @@ def load_dotenv(path: str | Path = ".env") -> None:
 
     if Path(path).is_file():
         dotenv.load_dotenv(path, override=False)
+
+
+def _parse_pairs(flag: str):
+    def parse(item: str) -> tuple[str, str]:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+        return key, value
+    return parse
+
+
+def add_dataclass_flags(parser, cls, exclude: tuple[str, ...] = (), metavars: dict[str, str] | None = None) -> list[str]:
+    """One ``--kebab-case`` flag per field of dataclass ``cls`` (``--snake_case`` accepted too), typed
+    from the field and helped from its ``metadata["help"]``; so flags and YAML keys cannot drift.
+
+    Flags default to "not given" (None): ``load_config(cls, path, overrides)`` then layers those given
+    over the YAML file over the defaults. Returns the field names that got a flag."""
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+        origin = typing.get_origin(base)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = f.metadata.get("help", "")
+        if default not in (None, "", [], {}) and base is not bool:
+            help_text += f" (default {default})"
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        kw = dict(dest=f.name, default=None, help=help_text.strip() or None)
+        if (metavars or {}).get(f.name):
+            kw["metavar"] = metavars[f.name]
+        if base is bool:
+            kw.update(action=argparse.BooleanOptionalAction)
+            kw["help"] = (kw["help"] or "") + f" (default {'on' if default else 'off'})"
+        elif origin is typing.Literal:
+            kw.update(choices=list(typing.get_args(base)))
+        elif base in (int, float, str):
+            kw.update(type=base)
+        elif origin is list and typing.get_args(base) in ((str,), (int,), (float,)):
+            kw.update(nargs="+", type=typing.get_args(base)[0])
+        elif origin is dict and typing.get_args(base) == (str, str):
+            kw.update(nargs="+", type=_parse_pairs(flags[0]), metavar=kw.get("metavar", "KEY=VALUE"))
+        else:
+            continue  # a type a flag cannot spell (nested mappings): the YAML file only
+        parser.add_argument(*flags, **kw)
+        names.append(f.name)
+    return names
+
+
+def flag_overrides(args, names: list[str]) -> dict[str, Any]:
+    """The flags the user gave, as config values (KEY=VALUE lists become mappings)."""
+    out = {}
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, list) and value and isinstance(value[0], tuple):
+            value = dict(value)
+        out[name] = value
+    return out

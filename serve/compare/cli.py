@@ -1,0 +1,155 @@
+"""``python -m serve.compare`` / ``tunekit compare``: the config (CompareConfig, compare.yaml) and main(argv)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tunekit.config import load_config
+from tunekit.errors import UserError
+
+from ..client import load_backend
+from .baseline import baseline_summary, train_baseline
+from .data import load_examples
+from .report import console_lines, write_outputs
+from .runner import answered, check_reachable, judge, run_requests
+from .summary import summarise
+from .tasks import TASKS
+
+
+@dataclass
+class CompareConfig:
+    data: str = ""  # held-out chat JSONL; the last assistant message is the reference
+    serve_config: str | None = None  # serve.yaml: backend, models, sampling (default: built-in defaults)
+    task: str = "label"  # label | json | text
+    label_field: str | None = None  # label task: JSON field of the answer holding the label
+    json_fields: list[str] = field(default_factory=list)  # json task: fields to score (default: the reference's)
+    train_data: str | None = None  # chat JSONL the bag-of-words baseline learns from (label task)
+    baseline: bool = True
+    models: list[str] = field(default_factory=lambda: ["base", "finetuned"])  # aliases or model ids
+    backend: str | None = None  # overrides the serve config's backend (LLM_BACKEND and --backend override this)
+    limit: int | None = None  # the first N held-out examples
+    concurrency: int = 16
+    max_retries: int = 4
+    timeout_s: float = 120.0
+    max_tokens: int | None = None  # overrides the serve config's sampling.max_tokens
+    gpu_hour_usd: float = 0.0  # local cost: what an hour of the serving machine costs
+    judge_model: str | None = None  # text task: alias or id of the judge (same backend)
+    out: str = "runs/compare"
+
+    def check(self, where: str) -> None:
+        problems = []
+        if not self.data:
+            problems.append("data: required (held-out chat JSONL, e.g. valid.jsonl from data_prep build)")
+        elif not Path(self.data).is_file():
+            problems.append(f"data: {self.data} not found (build it with `python -m data_prep build`)")
+        if self.task not in TASKS:
+            problems.append(f"task: {self.task!r}; use one of {', '.join(TASKS)}")
+        if self.train_data and not Path(self.train_data).is_file():
+            problems.append(f"train_data: {self.train_data} not found")
+        if not self.models:
+            problems.append("models: give at least one alias or model id")
+        if self.concurrency < 1:
+            problems.append(f"concurrency: {self.concurrency} must be at least 1")
+        if problems:
+            raise UserError(f"{where}: " + "; ".join(problems))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve.compare", description=sys.modules[__package__].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="compare.yaml (see serve/compare/cli.py)")
+    p.add_argument("--backend", choices=["local", "openai"], help="overrides the config and LLM_BACKEND")
+    p.add_argument("--models", help="comma-separated aliases or model ids (default: the config's models)")
+    p.add_argument("--limit", type=int, help="only the first N held-out examples")
+    p.add_argument("--data", help="held-out chat JSONL (overrides data)")
+    p.add_argument("--out", help="output folder (overrides out)")
+    p.add_argument("--concurrency", type=int, help="requests in flight (overrides concurrency)")
+    p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/raw and send the rest")
+    p.add_argument("--start-server", action="store_true",
+                   help="local backend: start the vLLM server of the serve config for this run, stop it after")
+    p.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
+                   help="with --start-server: serve this adapter (a run or checkpoint folder) too, e.g. "
+                        "steps160=runs/banking77/sft_cpu/checkpoint-160 --models base,steps160,finetuned")
+    return p
+
+
+def start_server(backend):
+    """--start-server: the local vLLM server of the serve config, started and ready."""
+    if backend.name != "local":
+        raise UserError("--start-server starts the local vLLM server; drop it for the openai backend")
+    from ..vllm_server import VLLMServer
+
+    server = VLLMServer(backend.settings, api_key=backend.api_key)
+    t0 = time.perf_counter()
+    print(f"starting the vLLM server ({backend.settings.server.model}) ...", file=sys.stderr, flush=True)
+    server.start()
+    print(f"server ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return server
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+
+    overrides = {"limit": args.limit, "data": args.data, "out": args.out, "concurrency": args.concurrency,
+                 "models": args.models.split(",") if args.models else None}
+    cfg = load_config(CompareConfig, args.config, overrides)
+    cfg.check(args.config or "compare")
+    task = TASKS[cfg.task]
+    backend = load_backend(cfg.serve_config, args.backend or cfg.backend)
+    if args.adapter:
+        from ..vllm_server import parse_adapters
+
+        if not args.start_server:
+            raise UserError("--adapter needs --start-server; to add an adapter to a running server: "
+                            "python -m serve.adapters add NAME RUN_DIR")
+        backend.settings.server.adapters.update(parse_adapters(args.adapter))
+    examples = load_examples(cfg.data, cfg.limit)
+    models = {alias: backend.resolve(alias) for alias in cfg.models}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"comparing {', '.join(f'{a} ({m})' if a != m else a for a, m in models.items())} on {len(examples)} "
+          f"examples via {backend.name} ({backend.base_url or 'api.openai.com'})", file=sys.stderr)
+
+    server = start_server(backend) if args.start_server else None
+    interrupted = False
+    try:
+        check_reachable(backend, list(models.values()))
+        t0 = time.perf_counter()
+        try:
+            results = asyncio.run(run_requests(backend, cfg, models, examples, out, args.resume))
+        except KeyboardInterrupt:
+            interrupted = True
+            results = answered(out, models)
+        elapsed = time.perf_counter() - t0
+    finally:
+        if server:
+            server.stop()
+
+    baseline = train_baseline(cfg, examples)
+    summaries = [summarise(cfg, backend, alias, models[alias], examples, results[alias]) for alias in models]
+    if baseline:
+        summaries.append(baseline_summary(cfg, examples, baseline))
+    metrics = {"config": asdict(cfg), "backend": backend.name, "examples": len(examples),
+               "sampling": backend.sampling_kwargs(max_tokens=cfg.max_tokens), "elapsed_s": round(elapsed, 2),
+               "complete": not interrupted and all(s["answered"] == s["n"] for s in summaries), "models": summaries}
+    if task.judge and cfg.judge_model and len(models) >= 2 and not interrupted:
+        answers = {a: {i: r.get("answer") for i, r in results[a].items()} for a in models}
+        for ex in examples:
+            for a in models:
+                answers[a].setdefault(ex.idx, None)
+        names = list(models)
+        metrics["judge"] = [asyncio.run(judge(backend, cfg, examples, answers, names[0], n)) for n in names[1:]]
+    write_outputs(out, cfg, examples, results, baseline, metrics)
+
+    for line in console_lines(cfg, summaries):
+        print(line)
+    print(f"report: {out / 'report.md'} (predictions.csv, metrics.json, plots)")
+    if interrupted:
+        print("interrupted: answers so far are kept; finish with the same command plus --resume", file=sys.stderr)
+        return 130
+    return 0
