@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from tunekit.constants import VLLM_LORA_RANKS
-from tunekit.errors import UserError
+from tunekit.errors import UserError, run_main
 
 SUPPORTED_RANKS = VLLM_LORA_RANKS  # vLLM's --max-lora-rank choices
 
@@ -140,8 +140,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

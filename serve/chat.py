@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from tunekit.errors import UserError
+from tunekit.errors import run_main
 
 from .client import load_backend
 
@@ -63,8 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

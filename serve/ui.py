@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from tunekit.errors import UserError
+from tunekit.errors import UserError, run_main
 from tunekit.net import is_loopback
 
 from .client import BACKENDS, Backend, load_backend, load_dotenv
@@ -312,8 +312,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import httpx
 
-from tunekit.errors import UserError
+from tunekit.errors import UserError, run_main
 from tunekit.net import is_loopback
 from tunekit.processes import die_with_parent, group_alive, signals_raise, stop_group
 from train.hardware import cpu_has_bf16
@@ -415,8 +415,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.config import load_config, load_dotenv  # noqa: E402
-from tunekit.errors import UserError  # noqa: E402
+from tunekit.errors import UserError, run_main  # noqa: E402
 
 BACKENDS = {"openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
             "local": ("http://127.0.0.1:8100/v1", "TUNEKIT_API_KEY")}
@@ -585,8 +585,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

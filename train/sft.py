@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:  # `python train/sft.py` and `accelerate launch tr
     sys.path.insert(0, str(ROOT))
 
 from tunekit.constants import VLLM_LORA_RANKS  # noqa: E402
-from tunekit.errors import UserError  # noqa: E402
+from tunekit.errors import UserError, run_main  # noqa: E402
 from train.hardware import cpu_has_bf16  # noqa: E402
 from train.precision import FiniteLossGuard, keep_trainable_fp32, precision_problems  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -484,8 +484,4 @@ def check_adapter(run_dir: Path, max_rank: int) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from tunekit.errors import UserError
+from tunekit.errors import UserError, run_main
 
 # subcommand -> (module whose main(argv) runs it, argv prefix, one line of help)
 COMMANDS: dict[str, tuple[str, list[str], str]] = {
@@ -113,18 +113,14 @@ def missing_extra(e: ModuleNotFoundError) -> UserError | None:
 
 
 def run(main, argv: list[str] | None) -> int:
-    """Call a command's main(argv); a mistake the user can fix is one line and exit status 2."""
-    try:
+    """Call a command's main(argv) through the one wrapper; a missing extra is a UserError naming it."""
+    def with_extras(args):
         try:
-            return main(argv) or 0
+            return main(args)
         except ModuleNotFoundError as e:
             raise (missing_extra(e) or e) from None
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    return run_main(with_extras, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,13 +2,9 @@
 
 import sys
 
-from tunekit.errors import UserError
+from tunekit.errors import run_main
 
 from .cli import main
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main))
