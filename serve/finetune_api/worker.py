@@ -6,14 +6,17 @@ data_prep's rules (the same ones ``python -m data_prep validate`` prints). Train
 becomes ``metrics`` events and its checkpoint-N folders become checkpoints. A job that was running
 when the server stopped is started again (train/sft.py resumes from its last complete checkpoint),
 or failed with the reason after ``max_attempts`` starts.
+
+Logging (logger ``serve.finetune_api.worker``): each job's transitions at INFO, a failed job at
+WARNING, a training process that exits with an error at ERROR with the last lines of its log
+(``<data_dir>/runs/<job id>.log``, where its traceback is), and an internal error with its traceback.
 """
 
 from __future__ import annotations
 
 import base64
-import csv
-import io
 import json
+import logging
 import math
 import os
 import re
@@ -28,11 +31,17 @@ import yaml
 from tunekit.cli import accelerate_command
 from tunekit.errors import UserError
 
-from .ftapi_store import Store, new_id
+from .metrics import last_checkpoint, metrics_data, metrics_message, model_name, results_csv, step_metrics
+from .store import Store, new_id
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: train/sft.py and its imports
+log = logging.getLogger(__name__)
 TERMINAL = ("succeeded", "failed", "cancelled")
-RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+
+
+def whole(n) -> int | None:
+    """A count as an int (TRL logs token counts as floats: 1234.0); None when there is none."""
+    return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) else None
 
 
 def alive(pid: int | None) -> bool:
@@ -102,6 +111,8 @@ class Worker:
             if pid and alive(pid) and ours(pid, priv.get("run_dir", "")):
                 kill_group(pid)
             attempts = priv.get("attempts", 1)
+            log.warning("job %s was running when the server stopped (attempt %s of %s)", job["id"], attempts,
+                        self.cfg.max_attempts)
             if attempts >= self.cfg.max_attempts:
                 self.fail(job["id"], "server_restart", f"the server stopped {attempts} times while this job was "
                           "running; create the job again")
@@ -124,6 +135,7 @@ class Worker:
                     self.run(job)
                     continue
             except Exception as e:  # a bug must not stop the queue: fail the job it happened in
+                log.exception("internal error in the job worker%s", f" (job {job['id']})" if job else "")
                 if job and self.store.get_job(job["id"])["status"] not in TERMINAL:
                     self.fail(job["id"], "server_error", f"internal error: {type(e).__name__}: {e}")
             self.stop.wait(0.3)
@@ -140,6 +152,7 @@ class Worker:
         self.store.update_job(job_id, status="failed", finished_at=int(time.time()), estimated_finish=None,
                               error={"code": code, "message": message, "param": param})
         self.store.add_event(job_id, f"Job failed: {message}", level="error")
+        log.warning("job %s failed (%s): %s", job_id, code, message)
 
     def validate(self, job: dict) -> None:
         from data_prep.validate import validate_file
@@ -166,6 +179,7 @@ class Worker:
             if self.store.get_job(job["id"])["status"] != "validating_files":  # cancelled meanwhile
                 return
             self.store.update_job(job["id"], status="queued", private={"train_examples": counts["training_file"]})
+        log.info("job %s: files validated (%d training examples); queued", job["id"], counts["training_file"])
         self.store.add_event(job["id"], f"Files validated ({counts['training_file']} training examples); job queued")
 
     def job_config(self, job: dict, run_dir: Path) -> tuple[Path, dict]:
@@ -208,7 +222,7 @@ class Worker:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         config, info = self.job_config(job, run_dir)
         attempts = self.store.get_private(job_id).get("attempts", 0) + 1
-        log = open(run_dir.parent / f"{job_id}.log", "ab")
+        log_file = open(run_dir.parent / f"{job_id}.log", "ab")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
                "TUNEKIT_RUN_DIR": str(run_dir)}
         if Path(str(yaml.safe_load(config.read_text()).get("model_name_or_path", ""))).exists():
@@ -216,9 +230,9 @@ class Worker:
         env.pop(self.cfg.api_key_env, None)
         if self.cfg.omp_num_threads:
             env["OMP_NUM_THREADS"] = str(self.cfg.omp_num_threads)
-        self.proc = subprocess.Popen(accelerate_command(config), cwd=ROOT, env=env, stdout=log, stderr=log,
+        self.proc = subprocess.Popen(accelerate_command(config), cwd=ROOT, env=env, stdout=log_file, stderr=log_file,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+        log_file.close()
         hp = {**job["method"]["supervised"]["hyperparameters"], **info["hyperparameters"]}
         method = {"type": "supervised", "supervised": {"hyperparameters": hp}}
         with self.store.lock:  # a cancel that came while the process started wins
@@ -229,6 +243,8 @@ class Worker:
             self.store.update_job(job_id, status="running", hyperparameters=hp, method=method,
                                   private={"pid": self.proc.pid, "run_dir": str(run_dir), "attempts": attempts,
                                            "total_steps": info["total_steps"]})
+        log.info("job %s: training started (pid %d, %d steps, attempt %d, log %s)", job_id, self.proc.pid,
+                 info["total_steps"], attempts, run_dir.parent / f"{job_id}.log")
         self.store.add_event(job_id, f"Fine-tuning job started ({info['total_steps']} steps"
                              + (f", attempt {attempts}" if attempts > 1 else "") + ")")
         seen = {"lines": 0}
@@ -242,6 +258,7 @@ class Worker:
                 kill_group(self.proc.pid)
                 self.proc.wait()
                 if status == "cancelled":
+                    log.info("job %s: cancelled; training process stopped", job_id)
                     self.store.add_event(job_id, "Training process stopped")
                 return  # on shutdown the job stays running; recover() requeues it at the next start
             time.sleep(0.5)
@@ -249,9 +266,12 @@ class Worker:
         if self.store.get_job(job_id)["status"] == "cancelled":
             return
         if rc != 0:
-            tail = (run_dir.parent / f"{job_id}.log").read_text(errors="replace").strip().splitlines()[-20:]
+            log_path = run_dir.parent / f"{job_id}.log"
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-20:]
             errors = [l for l in tail if l.startswith("error:")]
             reason = errors[-1][len("error: "):] if errors else (tail[-1] if tail else f"exit status {rc}")
+            log.error("job %s: training exited with status %s; the last lines of %s:\n%s", job_id, rc, log_path,
+                      "\n".join(tail) or "(empty)")
             return self.fail(job_id, "training_failed", f"training exited with status {rc}: {reason}")
         self.succeed(job, run_dir)
 
@@ -302,94 +322,26 @@ class Worker:
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
         self.store.add_event(job_id, f"New fine-tuned model created: {name} (adapter in {run_dir})")
         try:
-            from .registry import record_model
+            from ..registry import record_model
 
             record_model("local", "finetuned", name, job_id=job_id, run_dir=str(run_dir),
                          suffix=job.get("user_provided_suffix"))
         except Exception as e:  # the registry is a convenience; the job has succeeded
+            log.warning("job %s: could not record %s in the registry", job_id, name, exc_info=True)
             self.store.add_event(job_id, f"Could not record the model in the registry: {e}", level="warn")
         # Load the adapter before the job reads `succeeded`, so a client that sees the status can chat at once.
         if self.cfg.vllm_url:
-            from .adapters import add_adapter
+            from ..adapters import add_adapter
 
             try:
                 add_adapter(self.cfg.vllm_url, name, run_dir, api_key=os.environ.get(self.cfg.vllm_api_key_env))
                 self.store.add_event(job_id, f"Adapter loaded into the vLLM server at {self.cfg.vllm_url} as {name}")
+                log.info("job %s: adapter loaded into vLLM at %s as %s", job_id, self.cfg.vllm_url, name)
             except UserError as e:
+                log.warning("job %s: the adapter was not loaded into vLLM at %s: %s", job_id, self.cfg.vllm_url, e)
                 self.store.add_event(job_id, f"The adapter was not loaded into vLLM: {e}", level="warn")
         self.store.update_job(job_id, status="succeeded", fine_tuned_model=name, finished_at=int(time.time()),
-                              result_files=[file_id], trained_tokens=summary.get("train_tokens"),
+                              result_files=[file_id], trained_tokens=whole(summary.get("train_tokens")),
                               estimated_finish=None)
         self.store.add_event(job_id, "The job has successfully completed")
-
-
-def model_name(job: dict) -> str:
-    return f"ft:{job['model']}:{job.get('user_provided_suffix') or 'local'}:{job['id']}"
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    done = [p for p in run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
-            and (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def metrics_data(rec: dict, total: int) -> dict | None:
-    """One metrics.jsonl record of train/sft.py in OpenAI's event ``data`` shape."""
-    data = {"step": rec.get("step", 0), "total_steps": total}
-    if "loss" in rec:
-        data["train_loss"] = rec["loss"]
-        if "mean_token_accuracy" in rec:
-            data["train_mean_token_accuracy"] = rec["mean_token_accuracy"]
-    if "eval_loss" in rec:
-        data["valid_loss"] = rec["eval_loss"]
-        if "eval_mean_token_accuracy" in rec:
-            data["valid_mean_token_accuracy"] = rec["eval_mean_token_accuracy"]
-    return data if len(data) > 2 else None
-
-
-def metrics_message(d: dict) -> str:
-    parts = [f"Step {d['step']}/{d['total_steps']}:"]
-    if "train_loss" in d:
-        parts.append(f"training loss={d['train_loss']:.4f}")
-    if "valid_loss" in d:
-        parts.append(f"validation loss={d['valid_loss']:.4f}")
-    return " ".join(parts)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    out = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
-def step_metrics(run_dir: Path, step: int) -> dict:
-    out = {"step": step}
-    for rec in read_metrics(run_dir):
-        if rec.get("step", 0) <= step:
-            d = metrics_data(rec, 0) or {}
-            d.pop("total_steps", None)
-            out.update(d)
-    out["step"] = step
-    return out
-
-
-def results_csv(run_dir: Path) -> bytes:
-    """OpenAI's result file: one row per training step, validation columns where evaluated."""
-    rows: dict[int, dict] = {}
-    for rec in read_metrics(run_dir):
-        row = rows.setdefault(rec.get("step", 0), {"step": rec.get("step", 0)})
-        if "loss" in rec:
-            row.update(train_loss=rec["loss"], train_accuracy=rec.get("mean_token_accuracy", ""))
-        if "eval_loss" in rec:
-            row.update(valid_loss=rec["eval_loss"], valid_mean_token_accuracy=rec.get("eval_mean_token_accuracy", ""))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, RESULT_COLUMNS, restval="", lineterminator="\n")
-    writer.writeheader()
-    for step in sorted(rows):
-        writer.writerow(rows[step])
-    return buf.getvalue().encode()
+        log.info("job %s succeeded: %s", job_id, name)

@@ -2,6 +2,7 @@
 
 Every object is kept as the JSON the API returns, beside the few columns the server queries
 (status, order). One connection, one lock: the request threads and the job worker share it.
+A job's ``private`` JSON holds what the API does not show (pid, run folder, attempts, counters).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
 
     def _all(self, sql: str, *args) -> list[tuple]:
         with self.lock:

@@ -1,0 +1,54 @@
+"""OpenAI's fine-tuning API, served locally: files and fine-tuning jobs that train with train/sft.py.
+
+    python -m serve.finetune_api --config configs/banking77/finetune_api.yaml
+    python -m serve.finetune_api --port 8100 --data-dir runs/finetune_api --sft-config configs/banking77/sft_cpu.yaml
+
+Any OpenAI client works against it with ``base_url="http://127.0.0.1:8100/v1"``:
+
+    client.files.create(file=open("train.jsonl", "rb"), purpose="fine-tune")
+    client.fine_tuning.jobs.create(training_file=..., validation_file=..., model="SmolLM2-135M-Instruct",
+                                   method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}})
+    client.fine_tuning.jobs.retrieve(job_id); client.fine_tuning.jobs.list_events(job_id)
+
+Endpoints: /v1/files (upload, list, retrieve, content, delete) and /v1/fine_tuning/jobs (create, list,
+retrieve, cancel, events, checkpoints). Jobs run one at a time: validating_files -> queued -> running
+-> succeeded | failed | cancelled, each as ``accelerate launch train/sft.py`` on a config derived from
+``sft_config`` and the job's hyperparameters (see serve/finetune_api/worker.py). A succeeded job's
+``fine_tuned_model`` is ``ft:<base>:<suffix>:<job id>``: the adapter is recorded in runs/registry.json
+(the client's ``finetuned`` alias) and, when ``vllm_url`` is set, loaded into that vLLM server.
+State lives in SQLite under ``data_dir``: a restart loses no file or job, and a job that was running
+resumes from its last checkpoint.
+
+The API key is ``--api-key`` or the environment variable TUNEKIT_API_KEY (or a .env file); it is
+required to listen on any address other than loopback, and never logged. The log (stderr,
+``--log-level``, default info) has one line per request and each job's steps; internal errors and
+failed training runs with their tracebacks.
+
+The package: ``config`` (the YAML keys and flags), ``cli`` (``main``), ``routes`` (the FastAPI app),
+``middleware`` (key check, request log, error envelope), ``models`` (request and response models),
+``service`` (request checks and logic), ``store`` (SQLite), ``worker`` (the job queue and training
+processes), ``metrics`` (train/sft.py's output in OpenAI's shapes).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from tunekit.net import is_loopback
+
+from .cli import main, parser
+from .config import FinetuneAPIConfig, base_model_of, load_dotenv
+
+# Names that import the web framework or the openai SDK, loaded on first use: the config and the
+# command line stay importable without them (``tunekit api`` then names the extra to install).
+LAZY = {"create_app": "routes", "APIError": "service", "PURPOSES": "service", "Service": "service",
+        "safe_filename": "service", "envelope": "models", "Store": "store", "new_id": "store", "Worker": "worker",
+        "TERMINAL": "worker"}
+
+__all__ = ["FinetuneAPIConfig", "base_model_of", "is_loopback", "load_dotenv", "main", "parser", *LAZY]
+
+
+def __getattr__(name: str):
+    if name in LAZY:
+        return getattr(import_module(f".{LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

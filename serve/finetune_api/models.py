@@ -1,0 +1,100 @@
+"""The API's request and response shapes, checked in code: FastAPI validates every JSON response against them.
+
+Objects are the openai SDK's own pydantic types (``FileObject``, ``FineTuningJob``, ``FineTuningJobEvent``,
+``FineTuningJobCheckpoint``, ``FileDeleted``), so a response that the SDK could not parse cannot leave
+the server; the list envelopes and the error envelope are OpenAI's, written here. The service returns
+plain dicts (the JSON the store keeps); each route validates them into its ``response_model`` and
+serializes with ``exclude_unset``, so a key the object lacks (``FileObject.expires_at``) is left out
+rather than sent as null. A response that does not fit its model is an internal error: status 500 in
+the error envelope, its traceback logged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from openai.types import FileDeleted, FileObject
+from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent, FineTuningJobWandbIntegrationObject
+from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+from pydantic import BaseModel
+
+__all__ = ["CheckpointList", "ErrorDetail", "ErrorResponse", "EventList", "FileDeleted", "FileList", "FileObject",
+           "FineTuningJob", "FineTuningJobCheckpoint", "FineTuningJobEvent", "FineTuningJobWandbIntegrationObject",
+           "Health", "JobCreateRequest", "JobList", "envelope"]
+
+
+# ----------------------------------------------------------------------------- lists (cursor pages)
+
+
+class FileList(BaseModel):
+    """ListFilesResponse: first_id and last_id are strings even for an empty page."""
+    object: Literal["list"]
+    data: list[FileObject]
+    has_more: bool
+    first_id: str
+    last_id: str
+
+
+class JobList(BaseModel):
+    object: Literal["list"]
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class EventList(BaseModel):
+    object: Literal["list"]
+    data: list[FineTuningJobEvent]
+    has_more: bool
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"]
+    data: list[FineTuningJobCheckpoint]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+    error: ErrorDetail
+
+
+def envelope(message: str, type_: str = "invalid_request_error", param: str | None = None,
+             code: str | None = None) -> dict:
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class JobCreateRequest(BaseModel):
+    """The body of POST /v1/fine_tuning/jobs, as OpenAI documents it.
+
+    It documents the route (/docs, /openapi.json); the service checks the raw body itself, so each
+    mistake gets OpenAI's message, ``param`` and ``code`` (``model_not_available``, ``invalid_file``,
+    ``invalid_hyperparameters``) rather than a generic validation error.
+    """
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    method: dict[str, Any] | None = None  # {"type": "supervised", "supervised": {"hyperparameters": {...}}}
+    hyperparameters: dict[str, Any] | None = None  # the deprecated spelling of method's hyperparameters
+    integrations: list[dict[str, Any]] | None = None  # [{"type": "wandb", "wandb": {"project": ...}}]
+    metadata: dict[str, str] | None = None

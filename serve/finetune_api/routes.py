@@ -1,0 +1,143 @@
+"""The FastAPI app: OpenAI's /v1/files and /v1/fine_tuning/jobs routes, thin over ``service.Service``.
+
+Each route reads its parameters, calls the service and returns what it gives; its ``response_model``
+(``models.py``) checks the JSON on the way out. The key check, the request log and the error
+envelope around them are in ``middleware.py``.
+
+``create_app(cfg, api_key, run_worker=False)`` builds the app without starting the job worker: requests are
+served from the store and jobs stay queued (the unit tests use it with FastAPI's TestClient).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse
+
+from .config import FinetuneAPIConfig
+from .middleware import add_error_handlers, add_middleware
+from .models import (CheckpointList, ErrorResponse, EventList, FileDeleted, FileList, FileObject, FineTuningJob,
+                     Health, JobCreateRequest, JobList)
+from .service import PURPOSES, Service
+from .store import Store
+from .worker import Worker
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500)}
+JSON = {"response_model_exclude_unset": True}  # the keys the object has, no nulls for the SDK's absent fields
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": PURPOSES}}}}}}}
+JOB_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": JobCreateRequest.model_json_schema()}}}}
+
+router = APIRouter(prefix="/v1", responses=ERRORS)
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+Svc = Annotated[Service, Depends(service)]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@router.post("/files", response_model=FileObject, openapi_extra=UPLOAD_BODY, **JSON)
+async def upload_file(request: Request, svc: Svc):
+    svc.check_upload_length(request.headers.get("content-length"))
+    async with request.form() as form:
+        return await svc.add_file(form.get("file"), form.get("purpose"))
+
+
+@router.get("/files", response_model=FileList, **JSON)
+def list_files(svc: Svc, purpose: str | None = None, limit: int = 10000, order: str = "desc",
+               after: str | None = None):
+    return svc.list_files(purpose, limit, order, after)
+
+
+@router.get("/files/{file_id}", response_model=FileObject, **JSON)
+def retrieve_file(file_id: str, svc: Svc):
+    return svc.get_file(file_id)
+
+
+@router.get("/files/{file_id}/content", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def file_content(file_id: str, svc: Svc):
+    """The file's bytes, streamed from disk in chunks (Range requests work too)."""
+    path, filename = svc.file_content(file_id)
+    return FileResponse(path, media_type="application/octet-stream", filename=filename)
+
+
+@router.delete("/files/{file_id}", response_model=FileDeleted, **JSON)
+def delete_file(file_id: str, svc: Svc):
+    return svc.delete_file(file_id)
+
+
+# ----------------------------------------------------------------------------- fine-tuning jobs
+
+
+@router.post("/fine_tuning/jobs", response_model=FineTuningJob, openapi_extra=JOB_BODY, **JSON)
+async def create_job(request: Request, svc: Svc):
+    return svc.create_job(await request.body())
+
+
+@router.get("/fine_tuning/jobs", response_model=JobList, **JSON)
+def list_jobs(svc: Svc, after: str | None = None, limit: int = 20):
+    return svc.list_jobs(after, limit)
+
+
+@router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob, **JSON)
+def retrieve_job(job_id: str, svc: Svc):
+    return svc.get_job(job_id)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob, **JSON)
+def cancel_job(job_id: str, svc: Svc):
+    return svc.cancel_job(job_id)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events", response_model=EventList, **JSON)
+def list_events(job_id: str, svc: Svc, after: str | None = None, limit: int = 20):
+    return svc.list_events(job_id, after, limit)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=CheckpointList, **JSON)
+def list_checkpoints(job_id: str, svc: Svc, after: str | None = None, limit: int = 10):
+    return svc.list_checkpoints(job_id, after, limit)
+
+
+def health() -> dict:
+    return {"status": "ok"}
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(cfg: FinetuneAPIConfig, api_key: str | None = None, *, run_worker: bool = True) -> FastAPI:
+    """The app over ``cfg.data_dir``; its lifespan starts the job worker (unless ``run_worker`` is false)."""
+    data_dir = Path(cfg.data_dir).resolve()
+    store = Store(data_dir / "state.db")
+    svc = Service(cfg, store)
+    worker = Worker(store, cfg, data_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if run_worker:
+            worker.start()
+        try:
+            yield
+        finally:
+            if run_worker:
+                worker.shutdown()
+
+    app = FastAPI(title="tunekit fine-tuning API", lifespan=lifespan)
+    app.state.store, app.state.worker, app.state.service = store, worker, svc
+    add_error_handlers(app)
+    add_middleware(app, api_key)
+    app.include_router(router)
+    app.add_api_route("/health", health, methods=["GET"], response_model=Health)
+    return app
