@@ -20,15 +20,16 @@ import logging
 import math
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from tunekit.cli import accelerate_command
+from tunekit.processes import stop_group
 from tunekit.errors import UserError
 
 from .metrics import last_checkpoint, metrics_data, metrics_message, model_name, results_csv, step_metrics
@@ -45,34 +46,19 @@ def whole(n) -> int | None:
 
 
 def alive(pid: int | None) -> bool:
+    """A live process (a zombie child of ours is not alive)."""
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    try:  # a zombie child of ours is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
 
 
 def kill_group(pgid: int | None, grace: float = 5.0) -> None:
     """SIGTERM the training process group, SIGKILL what is left after ``grace`` seconds."""
-    if not pgid:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0)):
-        try:
-            os.killpg(pgid, sig)
-        except OSError:
-            return
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except OSError:
-                return
-            time.sleep(0.1)
+    if pgid:
+        stop_group(pgid, grace)
 
 
 def ours(pid: int, run_dir: str) -> bool:
