@@ -201,21 +201,20 @@ def build_model_dir(model_dir: Path, device: str = "cuda", **dims) -> tuple[int,
 
 
 def device_report() -> dict | str:
-    """The GPU and versions, or a one-line reason why there is no CUDA."""
+    """The GPU and versions (train.hardware's report, plus what this check needs), or a one-line reason why
+    there is no CUDA."""
     import torch
     from importlib.metadata import PackageNotFoundError, version
 
-    if not torch.cuda.is_available():
-        if torch.version.cuda is None:
+    from train.hardware import gpu_report
+
+    report = gpu_report()
+    if not report["cuda_available"]:
+        if report["torch_cuda"] is None:
             return (f"CUDA is not available: torch {torch.__version__} is a CPU-only build; this check needs an "
                     "NVIDIA GPU and a CUDA build of torch")
         return (f"CUDA is not available: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no NVIDIA GPU "
                 f"or driver (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
-                                capture_output=True, text=True, timeout=30).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        driver = "unknown"
 
     def installed(dist):
         try:
@@ -224,9 +223,10 @@ def device_report() -> dict | str:
             return None
 
     versions = {d: installed(d) for d in ["transformers", "peft", "accelerate", "vllm", *NEEDED]}
-    props, cuda = torch.cuda.get_device_properties(0), torch.version.cuda
-    return {"gpu": props.name, "capability": f"{props.major}.{props.minor}", "driver": driver,
-            "total_gib": round(props.total_memory / 2**30, 2), "torch": torch.__version__, "torch_cuda": cuda,
+    cuda = report["torch_cuda"]
+    return {"gpu": report["gpu"], "capability": report["compute_capability"], "driver": report["driver"] or "unknown",
+            "total_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2),
+            "torch": report["torch"], "torch_cuda": cuda,
             "bnb_library": f"libbitsandbytes_cuda{cuda.replace('.', '')}.so", "versions": versions}
 
 
