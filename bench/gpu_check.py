@@ -56,7 +56,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -316,9 +315,9 @@ def serve_check(model_dir: Path, adapter: Path, cap_gib: float, total_gib: float
 
     from serve.vllm_server import VLLMServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tunekit.net import free_port
+
+    port = free_port()
     settings = serve_settings(model_dir, adapter, cap_gib, total_gib, port)
     t0, log = time.monotonic(), logs / "vllm.log"
     with VLLMServer(settings, log_path=log) as server:

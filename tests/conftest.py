@@ -69,11 +69,9 @@ SMOL_SYSTEM = "Answer with the code word."
 
 
 def free_port() -> int:
-    import socket
+    from tunekit.net import free_port as pick
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return pick()
 
 
 def chat_rows(pairs, system=SMOL_SYSTEM) -> list[dict]:

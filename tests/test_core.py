@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunekit.net import is_loopback
+from tunekit.net import free_port, is_loopback
 
 LOOPBACK = ["localhost", "LocalHost", "localhost.", "127.0.0.1", "127.0.0.2", "127.255.255.254", " 127.0.0.1 ",
             "::1", "[::1]", "0:0:0:0:0:0:0:1", "::ffff:127.0.0.1", "[::ffff:7f00:1]"]
@@ -21,6 +21,23 @@ def test_loopback_addresses_are_recognised(host):
 @pytest.mark.parametrize("host", NOT_LOOPBACK)
 def test_everything_else_is_reachable_and_needs_a_key(host):
     assert not is_loopback(host)
+
+
+def test_free_ports_come_from_below_the_ephemeral_range():
+    """bind(0) ports are drawn from the range outgoing connections use, so one chosen early can be
+    taken by the time a server binds it (it happened to the notebook's UI port while vLLM ran)."""
+    import socket
+    from pathlib import Path
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= p < low for p in ports), ports
+    assert len(ports) > 1  # random, so two callers rarely collide
+    port = ports.pop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free when handed out
+        s.listen()
+        assert free_port() != port  # and never one that is in use
 
 
 def test_every_server_uses_the_one_check():

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 KEY = "test-key-7c1d"
 TOY = [("w1 w2", "yes"), ("w3 w4", "no"), ("w5 w6", "yes"), ("w7 w8", "no"), ("w9 w10", "yes"),
@@ -62,12 +62,6 @@ def toy_files(tmp_path_factory) -> Path:
     bad = rows * 2 + [{"messages": [{"role": "user", "content": "w1"}]}]
     (d / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad) + "not json\n")
     return d
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

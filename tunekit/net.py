@@ -28,3 +28,32 @@ def is_loopback(host: str) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return addr.is_loopback
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on, picked *below* the kernel's ephemeral range.
+
+    ``bind(0)`` hands out a port from the ephemeral range, the same range every outgoing connection
+    and every ``bind(0)`` inside vLLM (ZMQ, its RPC sockets) draws from; a port chosen that way and
+    used minutes later can already be taken. A random port under that range is only ever taken by
+    an explicit bind. Falls back to ``bind(0)`` when the range cannot be read or is exhausted.
+    """
+    import random
+    import socket
+    from pathlib import Path
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    pool = range(max(1024, low - 12000), low)
+    for port in random.SystemRandom().sample(pool, min(200, len(pool))):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
