@@ -47,23 +47,11 @@ $(MODEL)/config.json: $(STAMP)
 
 # The whole workflow on banking77's card intents (why a slice: README), on the CPU, offline:
 # data -> LoRA training -> vLLM server with the adapter -> comparison of base, fine-tuned and a
-# TF-IDF baseline on the held-out test queries -> runs/demo/compare/report.md.
-DEMO       := runs/demo
+# TF-IDF baseline on the held-out test queries -> runs/demo/compare/report.md (tunekit/demo.py;
+# `tunekit demo --dry-run` prints its commands).
 DEMO_STEPS ?= 160
 demo: $(STAMP) $(VSTAMP) $(MODEL)/config.json
-	@mkdir -p $(DEMO) && date +%s > $(DEMO)/.start
-	$(BIN)/python -m data_prep build --config configs/banking77/build_cards.yaml --out $(DEMO)/data
-	$(BIN)/python -m data_prep build --config configs/banking77/build_cards.yaml --input configs/banking77/data/test.csv \
-		--valid-fraction 0 --sample 540 --out $(DEMO)/test
-	$(BIN)/python -m data_prep validate $(DEMO)/data/train.jsonl $(DEMO)/data/valid.jsonl
-	$(BIN)/python -m data_prep stats $(DEMO)/data/train.jsonl --plot $(DEMO)/data/train_tokens.png
-	$(BIN)/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train/sft.py --config configs/banking77/sft_cpu.yaml --train_file $(DEMO)/data/train.jsonl \
-		--valid_file $(DEMO)/data/valid.jsonl --output_dir $(DEMO)/sft --max_steps $(DEMO_STEPS) \
-		--eval_steps $(DEMO_STEPS) --save_steps 50
-	$(BIN)/python -m serve.compare --config configs/banking77/compare_cards.yaml --start-server
-	@echo "demo finished in $$(( $$(date +%s) - $$(cat $(DEMO)/.start) )) s: report $(DEMO)/compare/report.md," \
-		"adapter $(DEMO)/sft; chat with it: make serve, then python -m serve.chat --config configs/banking77/serve_cards.yaml \"Where is my card?\""
+	$(BIN)/tunekit demo --steps $(DEMO_STEPS)
 
 # The full 77-way banking77 task with the demo's CPU profile (~35 min on 2 cores): 320 steps, the
 # checkpoint half-way (160 steps) scored beside the final adapter -> runs/banking77/compare/report.md.

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from tunekit.constants import DEFAULT_OPENAI_MODEL
-from tunekit.errors import UserError
+from tunekit.errors import run_main
 
 
 
@@ -120,15 +120,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
+    def run(argv):
+        args = parser().parse_args(argv)
         return args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+
+    # outputs are written atomically at the end, so an interrupted command leaves nothing half-written
+    return run_main(run, argv, interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":

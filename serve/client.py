@@ -12,7 +12,7 @@ overridden by an explicit ``backend=`` (the ``--backend`` flag of every command)
     alias        openai                                   local
     base         openai.base_model (gpt-4o-mini-2024-07-18) server.served_model_name (the base model)
     finetuned    openai.models.finetuned, else the id     the adapter named ``finetuned`` in
-                 ``train.openai_ft follow`` recorded        server.adapters, else runs/registry.json
+                 ``tunekit jobs follow`` recorded          server.adapters, else runs/registry.json
     NAME         openai.models.NAME                        the adapter NAME
 
 API keys come from the environment or a ``.env`` file in the working directory (OPENAI_API_KEY
@@ -173,7 +173,7 @@ class Backend:
             return aliases[model]
         if model == "finetuned":
             if self.name == "openai":
-                raise UserError("no fine-tuned OpenAI model yet: run `python -m train.openai_ft create --config ...` "
+                raise UserError("no fine-tuned OpenAI model yet: run `tunekit jobs create --config ...` "
                                 "and `follow JOB_ID` until it succeeds, or set openai.models.finetuned in the config")
             raise UserError("no local adapter named 'finetuned': add `finetuned: RUN_DIR` under server.adapters in "
                             "the config, or `python -m serve.adapters add finetuned RUN_DIR`")

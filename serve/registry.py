@@ -1,7 +1,7 @@
 """Where fine-tuned model ids are recorded, so the client's aliases (``finetuned``, ...) find them.
 
 One small JSON file (``runs/registry.json``; env ``TUNEKIT_REGISTRY`` moves it) maps
-backend -> alias -> {"model": id, ...info}. ``python -m train.openai_ft follow`` records the
+backend -> alias -> {"model": id, ...info}. ``tunekit jobs follow`` records the
 ``ft:gpt-4o-mini...`` id of a finished OpenAI job there; the local fine-tuning API records its
 adapters the same way. Writes are atomic (temp file + rename).
 """

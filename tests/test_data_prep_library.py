@@ -139,7 +139,7 @@ def test_stats_histogram_keeps_the_backend(foreign_backend, tmp_path):
 def test_openai_plot_keeps_the_backend(foreign_backend, tmp_path):
     import matplotlib
 
-    from train.openai_ft import plot_results
+    from train.jobs.results import plot_results
 
     rows = [{"step": "1", "train_loss": "2.0", "train_accuracy": "0.4", "valid_loss": "",
              "valid_mean_token_accuracy": ""},

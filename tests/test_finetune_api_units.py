@@ -328,7 +328,7 @@ def test_an_exception_in_a_route_is_a_500_envelope_with_its_traceback_logged(cli
     assert any(" GET /v1/fine_tuning/jobs 500 " in r.getMessage() for r in caplog.records)
 
     # the server's own formatter masks a key that a message or a traceback quotes
-    from serve.finetune_api.cli import RedactingFormatter
+    from tunekit.logs import RedactingFormatter
 
     text = RedactingFormatter("%(levelname)s %(message)s", [KEY, None, "ab"]).format(errors[0])
     assert KEY not in text and "boom with [redacted] in it" in text and "Traceback" in text
@@ -477,3 +477,20 @@ def test_command_line(tmp_path, monkeypatch, capsys):
     from tunekit.cli import main as tunekit_main
 
     assert tunekit_main(["api", "--help"]) == 2 and 'pip install "tunekit-ft[serve]"' in capsys.readouterr().err
+
+
+def test_api_flags_are_generated_from_the_config_fields(tmp_path):
+    """Every key of the API's config is a flag (but the nested sft_overrides); flags beat the YAML."""
+    import dataclasses
+
+    from serve.finetune_api.cli import parser
+    from serve.finetune_api.config import FinetuneAPIConfig
+    from tunekit.config import flag_overrides, load_config
+
+    args = parser().parse_args(["--max-steps", "7", "--no-result-base64", "--log-level", "WARNING",
+                                "--data_dir", "d", "--config", str(tmp_path / "api.yaml")])
+    assert set(args.config_flags) == {f.name for f in dataclasses.fields(FinetuneAPIConfig)} - {"sft_overrides"}
+    (tmp_path / "api.yaml").write_text("max_steps: 3\nport: 8111\nsft_overrides: {max_length: 64}\n")
+    cfg = load_config(FinetuneAPIConfig, args.config, flag_overrides(args, args.config_flags))
+    assert (cfg.max_steps, cfg.port, cfg.result_base64, cfg.log_level, cfg.data_dir) == (7, 8111, False, "warning", "d")
+    assert cfg.sft_overrides == {"max_length": 64}

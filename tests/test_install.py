@@ -74,3 +74,29 @@ def test_a_command_that_needs_an_extra_names_it(base_venv, tmp_path):
     assert train.returncode == 2 and 'pip install "tunekit-ft[train]"' in train.stderr and "Traceback" not in train.stderr
     api = run(base_venv, "tunekit", "api", "--help", cwd=tmp_path)
     assert api.returncode == 2 and 'pip install "tunekit-ft[serve]"' in api.stderr and "Traceback" not in api.stderr
+
+
+def test_demo_starts_from_an_empty_directory(base_venv, tmp_path):
+    """The example ships inside the wheel: `tunekit demo` copies it and plans every stage."""
+    proc = run(base_venv, "tunekit", "demo", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("build_cards.yaml", "sft_cpu.yaml", "serve_cards.yaml", "compare_cards.yaml", "data/train.csv",
+                 "data/test.csv", "data/LICENSE"):
+        assert (tmp_path / "configs/banking77" / name).is_file(), name
+    plan = [line for line in proc.stdout.splitlines() if line.startswith("# ")]
+    assert plan == ["# base model", "# build", "# build the held-out test set", "# validate", "# stats", "# train",
+                    "# compare"], proc.stdout
+    assert "site-packages/train/sft.py --config configs/banking77/sft_cpu.yaml" in proc.stdout
+    again = run(base_venv, "tunekit", "demo", "--dry-run", cwd=tmp_path)
+    assert again.returncode == 0 and "copied" not in again.stdout
+
+
+def test_every_package_of_the_checkout_is_installed():
+    """pyproject lists its packages (configs/ ships as tunekit.examples): a new one must be added there."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ("tunekit", "data_prep", "train", "serve")
+             for p in (ROOT / top).rglob("__init__.py") if "vllm_cpu_lora" not in p.parts}
+    assert found <= listed, f"add to pyproject's packages: {sorted(found - listed)}"
+    assert "tunekit.examples" in listed

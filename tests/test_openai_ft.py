@@ -81,7 +81,7 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
         rest, err = proc.stdout.read(), proc.stderr.read()
         first += rest.splitlines(keepends=True)
         assert proc.returncode == 0, err[-2000:]
-        assert f"Re-attach with: python -m train.openai_ft follow {job_id}" in "".join(first)
+        assert f"Re-attach with: tunekit jobs follow {job_id}" in "".join(first)
         again = cli(*follow, cwd=tmp_path, env=env)
         assert again.returncode == 0, again.stderr[-2000:]
         seen_before = [l.strip() for l in first if l[:2].isdigit()]
@@ -185,7 +185,7 @@ def test_every_command_has_help():
 
 
 def test_result_files_decode_plain_or_base64():
-    from train.openai_ft import decode_result
+    from train.jobs.results import decode_result
 
     text = "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n1,2.0,0.5,,\n"
     assert decode_result(text.encode()) == text
@@ -195,14 +195,14 @@ def test_result_files_decode_plain_or_base64():
 def test_openai_and_finetune_api_configs_load():
     from tunekit.config import load_config
     from serve.finetune_api import FinetuneAPIConfig
-    from train.openai_ft import OpenAIJobConfig
+    from train.jobs.create import OpenAIJobConfig
 
     seen = 0
     for path in sorted((ROOT / "configs").rglob("*.yaml")):
         rel = path.relative_to(ROOT)
         first = path.read_text().splitlines()[0]
         if path.name == "openai.yaml":
-            assert first == f"# python -m train.openai_ft create --config {rel}"
+            assert first == f"# tunekit jobs create --config {rel}"
             cfg = load_config(OpenAIJobConfig, path)
             assert cfg.backend in ("openai", "local") and cfg.train_file
         elif path.name == "finetune_api.yaml":
@@ -213,3 +213,65 @@ def test_openai_and_finetune_api_configs_load():
             continue
         seen += 1
     assert seen >= 2
+
+
+# ---- create's flags are generated from OpenAIJobConfig's fields, and override openai.yaml ----
+
+def test_create_flags_are_generated_from_the_config_fields(tmp_path):
+    """Every OpenAIJobConfig key is a create flag (assume_yes keeps the spelling --yes); a flag overrides the YAML."""
+    import dataclasses
+
+    from train.jobs.cli import parser
+    from train.jobs.create import OpenAIJobConfig
+    from tunekit.config import flag_overrides, load_config
+
+    cfg_path = tmp_path / "openai.yaml"
+    cfg_path.write_text("train_file: t.jsonl\nn_epochs: 2\nseed: 7\nbackend: openai\nassume_yes: false\n"
+                        "poll_interval_s: 10\n")
+    args = parser().parse_args(["create", "--config", str(cfg_path), "--n-epochs", "3", "--backend", "local",
+                                "--learning_rate_multiplier", "0.5", "--batch-size", "auto", "--yes",
+                                "--poll-interval-s", "2"])
+    assert set(args.config_flags) == {f.name for f in dataclasses.fields(OpenAIJobConfig)}
+    cfg = load_config(OpenAIJobConfig, args.config, flag_overrides(args, args.config_flags))
+    assert (cfg.n_epochs, cfg.backend, cfg.learning_rate_multiplier, cfg.batch_size, cfg.assume_yes,
+            cfg.poll_interval_s) == (3, "local", 0.5, "auto", True, 2.0)
+    assert (cfg.train_file, cfg.seed) == ("t.jsonl", 7)  # not given: the YAML's
+    plain = parser().parse_args(["create", "--config", str(cfg_path)])
+    cfg = load_config(OpenAIJobConfig, plain.config, flag_overrides(plain, plain.config_flags))
+    assert (cfg.n_epochs, cfg.backend, cfg.assume_yes) == (2, "openai", False)
+
+
+def test_create_n_epochs_is_a_number_or_auto_and_yes_keeps_its_spellings():
+    from train.jobs.cli import parser
+
+    assert parser().parse_args(["create", "--n-epochs", "3"]).n_epochs == 3
+    assert parser().parse_args(["create", "--n-epochs", "auto"]).n_epochs == "auto"
+    assert parser().parse_args(["create", "--n_epochs", "1"]).n_epochs == 1
+    for flag in ("--yes", "--assume-yes"):
+        assert parser().parse_args(["create", flag]).assume_yes is True
+    assert parser().parse_args(["create"]).assume_yes is None  # not given: the config's assume_yes decides
+    # the other commands keep their own flags
+    args = parser().parse_args(["list", "--timeout", "2", "--max-retries", "1"])
+    assert (args.timeout, args.max_retries) == (2.0, 1)
+
+
+def test_cmd_create_layers_the_flags_over_the_yaml(tmp_path, monkeypatch):
+    import train.jobs.create
+    from train.jobs.cli import parser
+
+    cfg_path = tmp_path / "openai.yaml"
+    cfg_path.write_text("train_file: t.jsonl\nmodel: gpt-4o-mini-2024-07-18\nn_epochs: 2\nsuffix: yaml\n")
+    seen = {}
+
+    def stop(cfg):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.jobs.create, "check_files", stop)
+    args = parser().parse_args(["create", "--config", str(cfg_path), "--suffix", "flag", "--n-epochs", "auto",
+                                "--jobs-dir", str(tmp_path / "jobs")])
+    with pytest.raises(KeyboardInterrupt):
+        args.fn(args)
+    cfg = seen["cfg"]
+    assert (cfg.suffix, cfg.n_epochs, cfg.jobs_dir, cfg.train_file) == ("flag", "auto", str(tmp_path / "jobs"),
+                                                                      "t.jsonl")

@@ -92,3 +92,33 @@ def test_hf_hub_offline_is_set_only_for_local_models_and_only_when_unset(model, 
 ])
 def test_degenerate_answers_are_recognised(answer, degenerate):
     assert is_degenerate(answer) is degenerate
+
+
+def test_a_degenerate_smoke_answer_is_logged_with_the_fallbacks(adapter_dir, monkeypatch, caplog):
+    import httpx
+
+    import serve.vllm_server as vs
+
+    answers = iter(["!!!!!!!!!!!!!!!!", "Hello there."])
+
+    def post(url, json, headers, timeout):
+        assert url.endswith("/chat/completions") and json["model"] == "smollm2-135m-instruct"
+        return httpx.Response(200, request=httpx.Request("POST", url),
+                              json={"choices": [{"message": {"content": next(answers)}}]})
+
+    monkeypatch.setattr(vs.httpx, "post", post)
+    server = VLLMServer(settings_for(ROOT / "configs/banking77/serve_cards.yaml", adapter_dir))
+    with caplog.at_level("WARNING", logger="serve.vllm_server"):
+        assert server.smoke_test() == "!!!!!!!!!!!!!!!!"
+        assert server.smoke_test() == "Hello there."
+    [warning] = caplog.records
+    assert warning.name == "serve.vllm_server" and "degenerate" in warning.getMessage()
+    assert "server.dtype: float32" in warning.getMessage() and "server.enforce_eager: true" in warning.getMessage()
+
+
+def test_the_launcher_takes_a_log_level(capsys):
+    from serve.vllm_server import main
+
+    with pytest.raises(SystemExit):
+        main(["--log-level", "loud"])
+    assert "--log-level: invalid choice: 'loud'" in capsys.readouterr().err

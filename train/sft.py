@@ -19,9 +19,6 @@ A run that was killed resumes from its last complete checkpoint when started aga
 from __future__ import annotations
 
 import json
-import math
-import re
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,10 +32,10 @@ from tunekit.constants import VLLM_LORA_RANKS  # noqa: E402
 from tunekit.errors import UserError, run_main  # noqa: E402
 from train.hardware import cpu_has_bf16  # noqa: E402
 from train.precision import FiniteLossGuard, keep_trainable_fp32, precision_problems  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
-TEMPLATES = Path(__file__).resolve().parent / "templates"
-GEN_MARKERS = re.compile(r"\{%-?\s*(generation|endgeneration)\s*-?%\}")
+# moved to train/chat_data.py and train/run_log.py; importable from here as before
+from train.chat_data import (  # noqa: E402, F401
+    GEN_MARKERS, PROBES, TEMPLATES, check_lengths, load_chat_jsonl, renders_like, resolve_chat_template)
+from train.run_log import RunLog, last_complete_checkpoint, peak_rss_mb, plot_metrics  # noqa: E402
 
 
 @dataclass
@@ -61,87 +58,6 @@ class ScriptArguments:
 
 
 # ----------------------------------------------------------------------------- checks before loading
-
-
-def load_chat_jsonl(path: str, key: str) -> list[dict]:
-    """Read and check a chat JSONL file; every problem becomes one error naming the config key."""
-    from data_prep.sources import jsonl_lines
-    from data_prep.validate import check_example
-
-    p = Path(path)
-    if not path:
-        raise UserError(f"{key}: required (the chat JSONL from `python -m data_prep build`)")
-    if not p.is_file():
-        raise UserError(f"{key}: {path} not found; build it with `python -m data_prep build --config ...`")
-    rows, problems = [], []
-    for lineno, ex, error in jsonl_lines(p):
-        found = [("invalid_json", error)] if error else check_example(ex)
-        problems += [f"{path}:{lineno}: {code}: {msg}" for code, msg in found]
-        if not found:
-            rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in ex["messages"]]})
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise UserError(f"{key}: {path} is not valid chat JSONL: {'; '.join(problems[:5])}{more}; "
-                        f"run `python -m data_prep validate {path}`")
-    if not rows:
-        raise UserError(f"{key}: {path} holds no examples")
-    return rows
-
-
-def resolve_chat_template(tokenizer, chat_template_path: str | None) -> str:
-    """The template to train with: it must render exactly like the model's own and mark assistant turns.
-
-    Order: ``chat_template_path`` if given; the model's template if it already has
-    ``{% generation %}`` markers; a template in train/templates/ that equals the model's once its
-    markers are removed; TRL's training version of the model's template.
-    """
-    if chat_template_path:
-        p = Path(chat_template_path)
-        if not p.is_file():
-            raise UserError(f"chat_template_path: {p} not found (a .jinja file)")
-        return p.read_text(encoding="utf-8")
-    own = tokenizer.chat_template
-    if not own:
-        raise UserError("model_name_or_path: this tokenizer has no chat template; "
-                        "give one with chat_template_path (a .jinja file with {% generation %} markers)")
-    if GEN_MARKERS.search(own):
-        return own
-    for candidate in sorted(TEMPLATES.glob("*_training.jinja")):
-        text = candidate.read_text(encoding="utf-8")
-        if renders_like(tokenizer, text, own):
-            return text
-    from trl.chat_template_utils import get_training_chat_template
-
-    try:
-        patched = get_training_chat_template(tokenizer)
-    except Exception:
-        patched = None
-    if not patched:
-        raise UserError("chat_template_path: the model's chat template has no {% generation %} markers and "
-                        "neither train/templates/ nor TRL has a training version of it; write one (the same "
-                        "template with {% generation %}...{% endgeneration %} around each assistant reply and "
-                        "its end-of-turn token) and set chat_template_path")
-    return patched
-
-
-PROBES = [
-    [{"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}],
-    [{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "{\"x\": 1}"},
-     {"role": "user", "content": "émoji 😀"}, {"role": "assistant", "content": " two\nlines "}],
-]
-
-
-def renders_like(tokenizer, template: str, reference: str) -> bool:
-    """Do two chat templates render the same text for a set of probe conversations?"""
-    try:
-        return all(tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g, chat_template=template)
-                   == tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g,
-                                                    chat_template=reference)
-                   for m in PROBES for g in (False, True))
-    except Exception:  # a template that cannot render the probes is not the same template
-        return False
 
 
 def check_config(script, training, model_args) -> list[str]:
@@ -178,103 +94,6 @@ def check_config(script, training, model_args) -> list[str]:
         problems.append("assistant_only_loss: must be true so that the loss covers only the assistant's "
                         "tokens (and its end-of-turn token)")
     return problems
-
-
-def check_lengths(rows: list[dict], tokenizer, template: str, max_length: int | None,
-                  max_fraction: float) -> dict:
-    """Token lengths under the training template; too many over max_length is an error."""
-    import numpy as np
-
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, chat_template=template) for r in rows]
-    lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
-    stats = {"examples": int(lengths.size), "max": int(lengths.max()), "p95": float(np.percentile(lengths, 95)),
-             "mean": round(float(lengths.mean()), 1), "total": int(lengths.sum())}
-    if max_length:
-        over = int((lengths > max_length).sum())
-        stats["over_max_length"] = over
-        if over / lengths.size > max_fraction:
-            suggest = int(2 ** math.ceil(math.log2(max(lengths.max(), 8))))
-            raise UserError(f"max_length: {max_length} is shorter than {over} of {lengths.size} examples "
-                            f"({over / lengths.size:.0%}; longest {lengths.max()} tokens), whose answers "
-                            f"would be cut off; set max_length: {suggest}")
-        if over:
-            print(f"warning: {over} example(s) are longer than max_length {max_length} and will be truncated",
-                  file=sys.stderr)
-    return stats
-
-
-# ----------------------------------------------------------------------------- logging
-
-
-class RunLog(TrainerCallback):
-    """Appends one JSON line per log to metrics.jsonl, with tokens/s between logging steps."""
-
-    def __init__(self, run_dir: Path, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
-        self.last = (time.time(), None)
-        if self.path.exists():  # resuming: keep what the checkpoint covers, drop steps it will redo
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
-        rec.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in logs.items()})
-        tokens = logs.get("num_tokens")
-        if tokens is not None and "loss" in logs:
-            now, (then, before) = time.time(), self.last
-            if before is not None and now > then:
-                rec["tokens_per_s"] = round((tokens - before) / (now - then), 1)
-            self.last = (now, tokens)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def plot_metrics(run_dir: Path) -> list[str]:
-    # matplotlib's object API: no pyplot, so no backend switch (a notebook's stays as it is)
-    from matplotlib.figure import Figure
-
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    written = []
-    for name, train_key, eval_key, ylabel in (("loss.png", "loss", "eval_loss", "loss"),
-                                              ("accuracy.png", "mean_token_accuracy", "eval_mean_token_accuracy",
-                                               "mean token accuracy")):
-        tr = [(r["step"], r[train_key]) for r in recs if train_key in r]
-        ev = [(r["step"], r[eval_key]) for r in recs if eval_key in r]
-        if not tr and not ev:
-            continue
-        fig = Figure(figsize=(7, 4), dpi=110)
-        ax = fig.subplots()
-        if tr:
-            ax.plot(*zip(*tr), label="train", color="#4C72B0")
-        if ev:
-            ax.plot(*zip(*ev), "o-", label="valid", color="#DD8452")
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{run_dir.name}: {ylabel}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(run_dir / name)
-        written.append(str(run_dir / name))
-    return written
-
-
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint-N that finished saving (a kill can leave a partial one)."""
-    done = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()
-            and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -8,6 +8,7 @@
     tunekit train configs/banking77/sft_t4.yaml --accelerate-config configs/accelerate/ddp.yaml
     tunekit serve --config configs/banking77/serve.yaml
     tunekit compare --config configs/banking77/compare.yaml --start-server
+    tunekit demo                                                       # from any directory
 
 Each subcommand is the module it names (``tunekit serve`` is ``python -m serve.vllm_server``, which
 keeps working); ``tunekit SUBCOMMAND --help`` shows its flags. Training flags are TRL's keys, in
@@ -36,8 +37,9 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "chat": ("serve.chat", [], "one chat request to a model on either backend"),
     "compare": ("serve.compare", [], "base vs fine-tuned vs a baseline on held-out data: metrics, report, plots"),
     "ui": ("serve.ui", [], "the Gradio app: chat with and compare models"),
-    "jobs": ("train.openai_ft", [], "fine-tuning jobs on OpenAI or the local API: create, follow, list, cancel"),
+    "jobs": ("train.jobs.cli", [], "fine-tuning jobs on OpenAI or the local API: create, follow, list, cancel"),
     "api": ("serve.finetune_api", [], "OpenAI's fine-tuning API, served locally"),
+    "demo": ("tunekit.demo", [], "the whole workflow on the embedded example, from any directory (make demo)"),
 }
 
 SFT_SCRIPT = Path(__file__).resolve().parent.parent / "train" / "sft.py"

@@ -161,6 +161,33 @@ def _parse_pairs(flag: str):
     return parse
 
 
+def opt(default, help: str, **kw):
+    """A config field with its flag's help text (add_dataclass_flags); ``list``, ``dict`` or a
+    function as the default is a factory (a new empty list or mapping per instance)."""
+    if default in (list, dict) or (callable(default) and not isinstance(default, type)):
+        return dataclasses.field(default_factory=default, metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def _one_of(choices: list):
+    """A Literal field's flag: its choices in any case (--log-level DEBUG is debug)."""
+    def parse(item: str):
+        return next((c for c in choices if str(c).lower() == item.lower()), item)
+    parse.__name__ = "choice"
+    return parse
+
+
+def _number_or_text(number: type):
+    """``int | str`` / ``float | str`` fields ("auto" or a value): a number when the flag spells one."""
+    def parse(item: str):
+        try:
+            return number(item)
+        except ValueError:
+            return item
+    parse.__name__ = f"{number.__name__} or text"
+    return parse
+
+
 def add_dataclass_flags(parser, cls, exclude: tuple[str, ...] = (), metavars: dict[str, str] | None = None) -> list[str]:
     """One ``--kebab-case`` flag per field of dataclass ``cls`` (``--snake_case`` accepted too), typed
     from the field and helped from its ``metadata["help"]``; so flags and YAML keys cannot drift.
@@ -189,9 +216,12 @@ def add_dataclass_flags(parser, cls, exclude: tuple[str, ...] = (), metavars: di
             kw.update(action=argparse.BooleanOptionalAction)
             kw["help"] = (kw["help"] or "") + f" (default {'on' if default else 'off'})"
         elif origin is typing.Literal:
-            kw.update(choices=list(typing.get_args(base)))
+            choices = list(typing.get_args(base))
+            kw.update(choices=choices, type=_one_of(choices))
         elif base in (int, float, str):
             kw.update(type=base)
+        elif set(args) in ({int, str}, {float, str}):
+            kw.update(type=_number_or_text(int if int in args else float))
         elif origin is list and typing.get_args(base) in ((str,), (int,), (float,)):
             kw.update(nargs="+", type=typing.get_args(base)[0])
         elif origin is dict and typing.get_args(base) == (str, str):

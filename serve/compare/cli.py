@@ -8,8 +8,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from tunekit.config import load_config
+from tunekit.config import add_dataclass_flags, flag_overrides, load_config
 from tunekit.errors import UserError
 
 from ..client import load_backend
@@ -23,23 +24,32 @@ from .tasks import TASKS
 
 @dataclass
 class CompareConfig:
-    data: str = ""  # held-out chat JSONL; the last assistant message is the reference
-    serve_config: str | None = None  # serve.yaml: backend, models, sampling (default: built-in defaults)
-    task: str = "label"  # label | json | text
-    label_field: str | None = None  # label task: JSON field of the answer holding the label
-    json_fields: list[str] = field(default_factory=list)  # json task: fields to score (default: the reference's)
-    train_data: str | None = None  # chat JSONL the bag-of-words baseline learns from (label task)
-    baseline: bool = True
-    models: list[str] = field(default_factory=lambda: ["base", "finetuned"])  # aliases or model ids
-    backend: str | None = None  # overrides the serve config's backend (LLM_BACKEND and --backend override this)
-    limit: int | None = None  # the first N held-out examples
-    concurrency: int = 16
-    max_retries: int = 4
-    timeout_s: float = 120.0
-    max_tokens: int | None = None  # overrides the serve config's sampling.max_tokens
-    gpu_hour_usd: float = 0.0  # local cost: what an hour of the serving machine costs
-    judge_model: str | None = None  # text task: alias or id of the judge (same backend)
-    out: str = "runs/compare"
+    data: str = field(default="", metadata={
+        "help": "held-out chat JSONL; the last assistant message is the reference"})
+    serve_config: str | None = field(default=None, metadata={
+        "help": "serve.yaml: backend, models, sampling (default: built-in defaults)"})
+    task: str = field(default="label", metadata={"help": "label | json | text"})
+    label_field: str | None = field(default=None, metadata={
+        "help": "label task: JSON field of the answer holding the label"})
+    json_fields: list[str] = field(default_factory=list, metadata={
+        "help": "json task: fields to score (default: the reference's)"})
+    train_data: str | None = field(default=None, metadata={
+        "help": "chat JSONL the bag-of-words baseline learns from (label task)"})
+    baseline: bool = field(default=True, metadata={"help": "score the TF-IDF baseline beside the models"})
+    models: list[str] = field(default_factory=lambda: ["base", "finetuned"], metadata={
+        "help": "aliases or model ids, space- or comma-separated"})
+    backend: Literal["local", "openai"] | None = field(default=None, metadata={
+        "help": "overrides the serve config's backend and LLM_BACKEND"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N held-out examples"})
+    concurrency: int = field(default=16, metadata={"help": "requests in flight"})
+    max_retries: int = field(default=4, metadata={"help": "retries per request on 429/5xx/timeouts"})
+    timeout_s: float = field(default=120.0, metadata={"help": "seconds per request"})
+    max_tokens: int | None = field(default=None, metadata={"help": "overrides the serve config's sampling.max_tokens"})
+    gpu_hour_usd: float = field(default=0.0, metadata={
+        "help": "local cost: what an hour of the serving machine costs"})
+    judge_model: str | None = field(default=None, metadata={
+        "help": "text task: alias or id of the judge (same backend)"})
+    out: str = field(default="runs/compare", metadata={"help": "output folder"})
 
     def check(self, where: str) -> None:
         problems = []
@@ -62,20 +72,27 @@ class CompareConfig:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve.compare", description=sys.modules[__package__].__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="compare.yaml (see serve/compare/cli.py)")
-    p.add_argument("--backend", choices=["local", "openai"], help="overrides the config and LLM_BACKEND")
-    p.add_argument("--models", help="comma-separated aliases or model ids (default: the config's models)")
-    p.add_argument("--limit", type=int, help="only the first N held-out examples")
-    p.add_argument("--data", help="held-out chat JSONL (overrides data)")
-    p.add_argument("--out", help="output folder (overrides out)")
-    p.add_argument("--concurrency", type=int, help="requests in flight (overrides concurrency)")
+    p.add_argument("--config", help="compare.yaml, whose keys mirror the flags below; flags override it")
+    flags = add_dataclass_flags(p, CompareConfig, metavars={
+        "data": "FILE.jsonl", "serve_config": "FILE.yaml", "train_data": "FILE.jsonl", "json_fields": "FIELD",
+        "models": "MODEL", "limit": "N", "concurrency": "N", "max_retries": "N", "timeout_s": "S",
+        "max_tokens": "N", "gpu_hour_usd": "USD", "judge_model": "MODEL", "out": "DIR"})
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/raw and send the rest")
     p.add_argument("--start-server", action="store_true",
                    help="local backend: start the vLLM server of the serve config for this run, stop it after")
     p.add_argument("--adapter", action="append", metavar="NAME=RUN_DIR",
                    help="with --start-server: serve this adapter (a run or checkpoint folder) too, e.g. "
                         "steps160=runs/banking77/sft_cpu/checkpoint-160 --models base,steps160,finetuned")
+    p.set_defaults(config_flags=flags)
     return p
+
+
+def config_overrides(args) -> dict:
+    """The config flags given; ``--models a,b`` and ``--models a b`` both list two models."""
+    given = flag_overrides(args, args.config_flags)
+    if given.get("models"):
+        given["models"] = [m.strip() for item in given["models"] for m in item.split(",") if m.strip()]
+    return given
 
 
 def start_server(backend):
@@ -95,12 +112,10 @@ def start_server(backend):
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
 
-    overrides = {"limit": args.limit, "data": args.data, "out": args.out, "concurrency": args.concurrency,
-                 "models": args.models.split(",") if args.models else None}
-    cfg = load_config(CompareConfig, args.config, overrides)
+    cfg = load_config(CompareConfig, args.config, config_overrides(args))  # --backend > compare.yaml's backend
     cfg.check(args.config or "compare")
     task = TASKS[cfg.task]
-    backend = load_backend(cfg.serve_config, args.backend or cfg.backend)
+    backend = load_backend(cfg.serve_config, cfg.backend)  # then LLM_BACKEND, then the serve config's
     if args.adapter:
         from ..vllm_server import parse_adapters
 

@@ -15,56 +15,30 @@ import os
 import sys
 from pathlib import Path
 
-from tunekit.config import load_config
+from tunekit import logs
+from tunekit.config import add_dataclass_flags, flag_overrides, load_config
 from tunekit.errors import UserError
 from tunekit.net import is_loopback
 
-from .config import LOG_LEVELS, FinetuneAPIConfig, base_model_of, load_dotenv
+from .config import FinetuneAPIConfig, base_model_of, load_dotenv
 
 log = logging.getLogger(__name__)
 PACKAGE_LOGGER = __name__.rsplit(".", 1)[0]  # serve.finetune_api: the routes, the service, the worker, this
-MASK = "[redacted]"
-
-
-class RedactingFormatter(logging.Formatter):
-    """A formatter that replaces each secret (of 4 characters or more) in the formatted line by ``[redacted]``."""
-
-    def __init__(self, fmt: str, secrets: list[str | None]):
-        super().__init__(fmt)
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self.secrets:
-            text = text.replace(secret, MASK)
-        return text
 
 
 def setup_logging(level: str, secrets: list[str | None] = ()) -> logging.Handler:
-    """One stderr handler on the root logger: this package at ``level``, the rest at warning and up."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", list(secrets)))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
-    logging.getLogger(PACKAGE_LOGGER).setLevel(level.upper())
-    return handler
+    """This package's loggers (the VLLMServer it starts included) at ``level``, the rest at warning and up."""
+    return logs.setup_logging(level, (PACKAGE_LOGGER, "serve.vllm_server"), secrets)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve.finetune_api", description=sys.modules[__package__].__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML whose keys are the long flags' names (data_dir for --data-dir)")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1; others need an API key)")
-    p.add_argument("--port", type=int, help="default 8100")
-    p.add_argument("--data-dir", dest="data_dir", help="state, files and runs (default runs/finetune_api)")
-    p.add_argument("--sft-config", dest="sft_config", help="train/sft.py config jobs start from")
-    p.add_argument("--base-model", dest="base_model", help="the model name jobs give (default: the sft config's "
-                                                           "model folder name)")
-    p.add_argument("--max-steps", dest="max_steps", type=int, help="cap on every job's training steps")
-    p.add_argument("--max-file-mb", dest="max_file_mb", type=float, help="upload size limit (default 512)")
-    p.add_argument("--vllm-url", dest="vllm_url", help="load finished adapters into this vLLM server")
-    p.add_argument("--api-key", dest="api_key", help="key clients must send (default: env TUNEKIT_API_KEY)")
-    p.add_argument("--log-level", dest="log_level", type=str.lower, choices=LOG_LEVELS,
-                   help="of the server's and the job worker's log on stderr (default info)")
+    p.add_argument("--api-key", dest="api_key", help="key clients must send (prefer the environment variable "
+                                                      "api_key_env names: a flag shows in process listings)")
+    # every other flag is a config key: generated from the same fields, so the two cannot drift
+    p.set_defaults(config_flags=add_dataclass_flags(p, FinetuneAPIConfig, metavars={"vllm_url": "URL"}))
     return p
 
 
@@ -74,8 +48,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     args = parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "api_key")}
-    cfg = load_config(FinetuneAPIConfig, args.config, overrides)
+    cfg = load_config(FinetuneAPIConfig, args.config, flag_overrides(args, args.config_flags))
     load_dotenv()
     api_key = args.api_key or os.environ.get(cfg.api_key_env) or None
     if not is_loopback(cfg.host) and not api_key:
