@@ -154,62 +154,99 @@ def server(tmp_path_factory, ft_model_dir):
     s.stop()
 
 
+# The seed write-up's script (shared/seeds/000_*: the module-level client, gpt-4o-mini-2024-07-18, the
+# deprecated top-level hyperparameters, a wandb integration as one object, a suffix), then what OpenAI's
+# guide does next: list, poll, events, checkpoints, the result file. Only OPENAI_BASE_URL and
+# OPENAI_API_KEY point it here; TRAIN and VALID are its data paths.
 SEED_SCRIPT = """
-from openai import OpenAI
+import base64
+import openai
 import time
-
-client = OpenAI(base_url=BASE_URL)
 
 train_file_path, valid_file_path = TRAIN, VALID
 with open(train_file_path, "rb") as f:
-   train_file = client.files.create(file=f, purpose="fine-tune")
+   train_file = openai.files.create(file=f, purpose="fine-tune")
 with open(valid_file_path, "rb") as f:
-   valid_file = client.files.create(file=f, purpose="fine-tune")
+   valid_file = openai.files.create(file=f, purpose="fine-tune")
 print(train_file)
 
-modelFINETUNING = 'tiny-llama'
-response = client.fine_tuning.jobs.create(
+modelFINETUNING = 'gpt-4o-mini-2024-07-18'
+response = openai.fine_tuning.jobs.create(
     training_file=train_file.id,
     validation_file=valid_file.id,
     model=modelFINETUNING,
     seed=42,
-    hyperparameters={"n_epochs": 2, "batch_size": 8},
+    hyperparameters={"n_epochs": 5, "batch_size": 8}, # using gpu (cuda)
     integrations = {"type": "wandb", "wandb": {"project": "gpt-pricer"}},
     suffix="spotify-chatbot-reviewer"
 )
 job_id = response.id
 print(response)
 
-job_response = client.fine_tuning.jobs.list(limit=10)
+job_response = openai.fine_tuning.jobs.list(limit=10)
 print(job_response)
 
 while True:
-    our_job_response = client.fine_tuning.jobs.retrieve(job_id)
+    our_job_response = openai.fine_tuning.jobs.retrieve(job_id)
     if our_job_response.status in ("succeeded", "failed", "cancelled"):
         break
     time.sleep(1)
+print(our_job_response)
 print(our_job_response.status)
 print(our_job_response.fine_tuned_model)
 
-events = client.fine_tuning.jobs.list_events(fine_tuning_job_id=job_id, limit=50)
+events = openai.fine_tuning.jobs.list_events(fine_tuning_job_id=job_id, limit=50)
 for event in reversed(events.data):
     print(event.message)
+
+checkpoints = openai.fine_tuning.jobs.checkpoints.list(fine_tuning_job_id=job_id)
+for checkpoint in checkpoints.data:
+    print(checkpoint.fine_tuned_model_checkpoint, checkpoint.step_number, checkpoint.metrics.train_loss)
+
+result_file = our_job_response.result_files[0]
+content = openai.files.content(result_file)
+print(base64.b64decode(content.text).decode())
 """
+RESULT_HEADER = "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"  # OpenAI's result file
 
 
 @pytest.fixture(scope="module")
 def seed_job(server, toy_files, tmp_path_factory) -> str:
-    """The seed write-ups' script, unchanged but for base_url; returns its job id."""
+    """The seed write-up's script, unchanged but for OPENAI_BASE_URL and OPENAI_API_KEY; returns its job id."""
     script = tmp_path_factory.mktemp("seed") / "seed.py"
-    script.write_text(f"BASE_URL = {server.base_url!r}\nTRAIN = {str(toy_files / 'train.jsonl')!r}\n"
-                      f"VALID = {str(toy_files / 'valid.jsonl')!r}\n" + textwrap.dedent(SEED_SCRIPT))
-    proc = subprocess.run([sys.executable, str(script)], env={**os.environ, "OPENAI_API_KEY": KEY},
-                          capture_output=True, text=True, timeout=300)
+    script.write_text(f"TRAIN = {str(toy_files / 'train.jsonl')!r}\nVALID = {str(toy_files / 'valid.jsonl')!r}\n"
+                      + textwrap.dedent(SEED_SCRIPT))
+    env = {**os.environ, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": KEY}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert "succeeded" in lines and any(l.startswith("ft:tiny-llama:spotify-chatbot-reviewer:ftjob-") for l in lines)
-    assert any(l.startswith("Step 8/8: training loss=") for l in lines), proc.stdout[-2000:]
-    return next(l for l in lines if l.startswith("ft:")).rsplit(":", 1)[1]
+    assert "succeeded" in lines, proc.stdout[-3000:]
+    name = next(l for l in lines if l.startswith("ft:"))
+    job_id = "ftjob-" + name.rsplit(":", 1)[1]
+    assert name == f"ft:gpt-4o-mini-2024-07-18:personal:spotify-chatbot-reviewer:{job_id.removeprefix('ftjob-')}"
+    # 32 examples, batch_size 8, n_epochs 5: 20 steps; the events in OpenAI's words and order
+    messages = lines[lines.index(name) + 1:]
+    expected = [f"Created fine-tuning job: {job_id}", "Validating training file: ", "Files validated, moving job to "
+                "queued state", "Fine-tuning job started", "Training tiny-llama with configs/banking77/sft_cpu.yaml: "
+                "n_epochs 5, batch_size 8 (8 per step x 1 accumulated), learning_rate_multiplier 1.8 ->",
+                "Weights & Biases ", "Step 2/20: training loss=", "Step 20/20: training loss=",
+                "Step 20/20: validation loss=", f"Checkpoint created at step 20 with Snapshot ID: {name}:ckpt-step-20",
+                f"New fine-tuned model created: {name}", "The job has successfully completed"]
+    found = iter(messages)
+    for want in expected:
+        assert any(m.startswith(want) for m in found), f"{want!r} missing or out of order in:\n" + "\n".join(messages)
+    assert f"{name}:ckpt-step-20 20 " in proc.stdout
+    assert RESULT_HEADER in lines and any(l.startswith("20,") for l in lines[lines.index(RESULT_HEADER):])
+
+    job = server.client().fine_tuning.jobs.retrieve(job_id)
+    resolved = {"n_epochs": 5, "batch_size": 8, "learning_rate_multiplier": 1.8}  # the multiplier as OpenAI's "auto"
+    assert job.model == "gpt-4o-mini-2024-07-18" and job.seed == 42 and job.user_provided_suffix == \
+        "spotify-chatbot-reviewer"
+    assert job.hyperparameters.model_dump() == job.method.supervised.hyperparameters.model_dump() == resolved
+    assert job.trained_tokens and job.trained_tokens > 0 and job.estimated_finish is None and job.finished_at
+    assert [i.model_dump(exclude_none=True) for i in job.integrations] == [
+        {"type": "wandb", "wandb": {"project": "gpt-pricer"}}]
+    return job_id
 
 
 # ----------------------------------------------------------------------------- schema validation
@@ -268,7 +305,8 @@ def test_every_response_matches_openai_schemas(server, seed_job, toy_files, open
     assert metrics and {"step", "train_loss", "train_mean_token_accuracy"} <= set(metrics[-1]["data"])
     ckpts = s.http("GET", f"/fine_tuning/jobs/{seed_job}/checkpoints")
     check("ListFineTuningJobCheckpointsResponse", ckpts)
-    assert [c["step_number"] for c in ckpts.json()["data"]][:2] == [8, 4]
+    assert [c["step_number"] for c in ckpts.json()["data"]][:2] == [20, 16]
+    assert ckpts.json()["data"][0]["fine_tuned_model_checkpoint"] == job.json()["fine_tuned_model"] + ":ckpt-step-20"
 
     fresh = s.http("POST", "/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": fid, "suffix": "x"})
     check("FineTuningJob", fresh)
@@ -337,8 +375,9 @@ def test_unknown_model_and_file_are_client_errors(server):
     import openai
 
     c = server.client(max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="not available for fine-tuning"):
-        c.fine_tuning.jobs.create(training_file="file-x", model="gpt-4o-mini")
+    with pytest.raises(openai.BadRequestError, match="not available for fine-tuning") as e:
+        c.fine_tuning.jobs.create(training_file="file-x", model="babbage-002")  # completion files: not here
+    assert e.value.code == "model_not_available" and "gpt-4o-mini-2024-07-18" in e.value.message
     with pytest.raises(openai.BadRequestError, match="invalid training_file"):
         c.fine_tuning.jobs.create(training_file="file-nope", model="tiny-llama")
     with pytest.raises(openai.AuthenticationError):
@@ -383,11 +422,14 @@ def test_server_killed_mid_job_resumes_after_restart(tmp_path, ft_model_dir, toy
         s.start()  # the same data folder and port
         job = wait_status(c, job.id, ("succeeded", "failed"), timeout=240)
         assert job.status == "succeeded", job.error
-        messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=200).data]
+        messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data]
         assert any("server restarted" in m and "resumes from checkpoint-" in m for m in messages), messages
+        assert "Fine-tuning job started (attempt 2)" in messages
+        made = [m for m in messages if m.startswith("Checkpoint created at step ")]
+        assert made and len(made) == len(set(made))  # each checkpoint once across the restart
         assert c.files.retrieve(f.id).id == f.id
         assert json.loads((run_dir / "summary.json").read_text())["resumed_from"]
-        steps = [e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=200).data
+        steps = [e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data
                  if e.type == "metrics" and "train_loss" in e.data]
         assert sorted(steps) == list(range(2, 321, 2)), steps  # each step reported once across the restart
         assert json.loads((tmp_path / "registry.json").read_text())["local"]["finetuned"]["model"] == \
@@ -505,7 +547,7 @@ def test_finished_job_is_served_by_vllm(vllm_server, tmp_path):
             "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 8}}})
         job = wait_status(c, job.id, ("succeeded", "failed"), timeout=400)
         assert job.status == "succeeded", job.error
-        assert job.fine_tuned_model == f"ft:smol-base:codes:{job.id}"
+        assert job.fine_tuned_model == f"ft:smol-base:personal:codes:{job.id.removeprefix('ftjob-')}"
         messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
         assert any(m.startswith("Adapter loaded into the vLLM server") for m in messages), messages
 

@@ -138,29 +138,71 @@ def file_id(client) -> str:
     return upload(client).json()["id"]
 
 
-JOB_ERRORS = [  # (body changes, status, param, code, part of the message)
-    ({"model": "gpt-4o-mini"}, 400, "model", "model_not_available", "is not available for fine-tuning"),
+HP = "method.supervised.hyperparameters"
+JOB_ERRORS = [  # (body changes, status, param, code, part of the message): OpenAI's codes and wording
+    ({"model": "gpt-9"}, 400, "model", "model_not_available",
+     "Model gpt-9 is not available for fine-tuning or does not exist. This server fine-tunes tiny-llama as: "
+     "gpt-4o-mini-2024-07-18, "),
+    ({"model": "davinci-002"}, 400, "model", "model_not_available", "tiny-llama"),  # completion files: not here
+    ({"model": None}, 400, "model", "missing_required_parameter", "Missing required parameter: 'model'."),
+    ({"training_file": None}, 400, "training_file", "missing_required_parameter", "'training_file'"),
     ({"training_file": "file-nope"}, 400, "training_file", "invalid_file", "invalid training_file"),
     ({"training_file": 7}, 400, "training_file", "invalid_file", "no file 7"),
     ({"validation_file": "file-nope"}, 400, "validation_file", "invalid_file", "invalid validation_file"),
-    ({"suffix": "has space"}, 400, "suffix", None, "1 to 64 letters"),
-    ({"suffix": "x" * 65}, 400, "suffix", None, "1 to 64 letters"),
-    ({"seed": "7"}, 400, "seed", None, "seed must be an integer"),
-    ({"seed": True}, 400, "seed", None, "seed must be an integer"),
-    ({"method": {"type": "dpo"}}, 400, "method.type", None, "only 'supervised'"),
+    ({"n_epochs": 3}, 400, "n_epochs", "unknown_parameter", "Unknown parameter: 'n_epochs'."),
+    ({"suffix": "has space"}, 400, "suffix", "invalid_value", "use letters, digits"),
+    ({"suffix": "a:b"}, 400, "suffix", "invalid_value", "ft:<model>:<organization>:<suffix>:<id>"),
+    ({"suffix": ""}, 400, "suffix", "string_below_min_length", "minimum length 1"),
+    ({"suffix": "x" * 65}, 400, "suffix", "string_above_max_length",
+     "Invalid 'suffix': string too long. Expected a string with maximum length 64, but got a string with length 65"),
+    ({"suffix": 5}, 400, "suffix", "invalid_type", "Invalid type for 'suffix': expected a string, but got an integer"),
+    ({"seed": "7"}, 400, "seed", "invalid_type", "expected an integer, but got a string instead."),
+    ({"seed": True}, 400, "seed", "invalid_type", "but got a boolean instead"),
+    ({"seed": -1}, 400, "seed", "integer_below_min_value",
+     "Invalid 'seed': integer below minimum value. Expected a value >= 0, but got -1 instead."),
+    ({"seed": 2**31}, 400, "seed", "integer_above_max_value", "Expected a value <= 2147483647"),
+    ({"method": {"type": "dpo"}}, 400, "method.type", "unsupported_value", "only 'supervised'"),
+    ({"method": {"type": "reinforcement"}}, 400, "method.type", "unsupported_value", "'reinforcement'"),
+    ({"method": {"type": "magic"}}, 400, "method.type", "invalid_value", "Supported values are: 'supervised'"),
+    ({"method": {"supervised": {}}}, 400, "method.type", "missing_required_parameter", "'method.type'"),
+    ({"method": "supervised"}, 400, "method", "invalid_type", "expected an object"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}}, 400,
-     "hyperparameters.n_epochs", "invalid_hyperparameters", "whole number from 1 to 50"),
-    ({"hyperparameters": {"batch_size": 2.5}}, 400, "hyperparameters.batch_size", "invalid_hyperparameters", ""),
+     f"{HP}.n_epochs", "integer_below_min_value", f"Invalid '{HP}.n_epochs': integer below minimum value. "
+     "Expected a value >= 1, but got 0 instead."),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 0}}}}, 400,
+     f"{HP}.batch_size", "integer_below_min_value", ">= 1, but got 0"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": -0.5}}}},
+     400, f"{HP}.learning_rate_multiplier", "decimal_below_min_value", "Expected a value > 0, but got -0.5"),
+    ({"hyperparameters": {"n_epochs": 51}}, 400, "hyperparameters.n_epochs", "integer_above_max_value", "<= 50"),
+    ({"hyperparameters": {"batch_size": 257}}, 400, "hyperparameters.batch_size", "integer_above_max_value", "<= 256"),
+    ({"hyperparameters": {"batch_size": 2.5}}, 400, "hyperparameters.batch_size", "invalid_type",
+     "expected one of 'auto' or an integer, but got a decimal"),
     ({"hyperparameters": {"learning_rate_multiplier": 0}}, 400, "hyperparameters.learning_rate_multiplier",
-     "invalid_hyperparameters", "number > 0"),
-    ({"hyperparameters": {"n_epochs": True}}, 400, "hyperparameters.n_epochs", "invalid_hyperparameters", ""),
-    ({"hyperparameters": {"warmup": 3}}, 400, "hyperparameters", None, "unknown key(s) warmup"),
-    ({"hyperparameters": [1]}, 400, "hyperparameters", None, "must be an object"),
-    ({"integrations": [{"type": "mlflow"}]}, 400, "integrations", None, "'type': 'wandb'"),
-    ({"integrations": {"type": "wandb", "wandb": {"project": "p", "tags": "not-a-list"}}}, 400, "integrations",
-     None, ""),
-    ({"metadata": ["a"]}, 400, "metadata", None, "object of strings"),
-    ({"metadata": {"a": 1}}, 400, "metadata", None, "object of strings"),
+     "decimal_below_min_value", "> 0"),
+    ({"hyperparameters": {"learning_rate_multiplier": "fast"}}, 400, "hyperparameters.learning_rate_multiplier",
+     "invalid_type", "but got a string"),
+    ({"hyperparameters": {"n_epochs": True}}, 400, "hyperparameters.n_epochs", "invalid_type", "a boolean"),
+    ({"hyperparameters": {"warmup": 3}}, 400, "hyperparameters.warmup", "unknown_parameter",
+     "Unknown parameter: 'hyperparameters.warmup'."),
+    ({"hyperparameters": [1]}, 400, "hyperparameters", "invalid_type", "expected an object, but got an array"),
+    ({"hyperparameters": {"n_epochs": 2}, "method": {"type": "supervised", "supervised": {"hyperparameters": {
+        "n_epochs": 3}}}}, 400, "hyperparameters", "invalid_value", "disagrees"),
+    ({"integrations": [{"type": "mlflow", "wandb": {}}]}, 400, "integrations[0].type", "invalid_value",
+     "Supported values are: 'wandb'."),
+    ({"integrations": [{"type": "wandb"}]}, 400, "integrations[0].wandb", "missing_required_parameter", ""),
+    ({"integrations": [{"type": "wandb", "wandb": {"name": "n"}}]}, 400, "integrations[0].wandb.project",
+     "missing_required_parameter", "Missing required parameter: 'integrations[0].wandb.project'."),
+    ({"integrations": {"type": "wandb", "wandb": {"project": "p", "tags": "not-a-list"}}}, 400,
+     "integrations[0].wandb.tags", "invalid_type", "an array of strings"),
+    ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}] * 6}, 400, "integrations",
+     "array_above_max_length", "Expected an array with maximum length 5, but got an array with length 6"),
+    ({"integrations": "wandb"}, 400, "integrations", "invalid_type", "expected an array"),
+    ({"metadata": ["a"]}, 400, "metadata", "invalid_type", "expected an object"),
+    ({"metadata": {"a": 1}}, 400, "metadata.a", "invalid_type", "expected a string, but got an integer"),
+    ({"metadata": {str(i): "v" for i in range(17)}}, 400, "metadata", "object_above_max_properties",
+     "at most 16 properties, but got an object with 17"),
+    ({"metadata": {"k" * 65: "v"}}, 400, "metadata", "string_above_max_length", "maximum length 64"),
+    ({"metadata": {"k": "v" * 513}}, 400, "metadata.k", "string_above_max_length", "maximum length 512"),
 ]
 
 
@@ -226,7 +268,8 @@ def test_responses_match_openai_schemas(client, file_id, app, schemas):
     check("ListPaginatedFineTuningJobsResponse", client.get("/v1/fine_tuning/jobs"))
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events")
     check("ListFineTuningJobEventsResponse", events)
-    assert [e["level"] for e in events.json()["data"]] == ["warn", "info"]  # the wandb note, then "Created"
+    assert [(e["level"], e["message"]) for e in events.json()["data"]] == [
+        ("info", f"Created fine-tuning job: {job['id']}")]  # the wandb integration is decided when training starts
     app.state.store.add_checkpoint(job["id"], 4, {
         "object": "fine_tuning.job.checkpoint", "id": "ftckpt-1", "created_at": 1, "step_number": 4,
         "fine_tuned_model_checkpoint": "ft:x:ckpt-step-4", "fine_tuning_job_id": job["id"],
@@ -366,7 +409,9 @@ def test_metrics_of_a_run_in_openai_shapes(tmp_path):
     assert metrics_data(records[0], 8) == {"step": 2, "total_steps": 8, "train_loss": 2.5,
                                            "train_mean_token_accuracy": 0.25}
     assert metrics_data(records[3], 8) is None
-    assert metrics_message(metrics_data(records[2], 8)) == "Step 4/8: validation loss=1.5000"
+    assert metrics_message(metrics_data(records[2], 8)) == "Step 4/8: validation loss=1.50"  # OpenAI's wording
+    assert metrics_message({"step": 1, "total_steps": 90, "train_loss": 2.0312, "valid_loss": 2.5}) == \
+        "Step 1/90: training loss=2.03, validation loss=2.50"
     assert step_metrics(tmp_path, 4) == {"step": 4, "train_loss": 2.0, "train_mean_token_accuracy": 0.25,
                                          "valid_loss": 1.5, "valid_mean_token_accuracy": 0.5}
     assert results_csv(tmp_path).decode() == ("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
@@ -376,7 +421,10 @@ def test_metrics_of_a_run_in_openai_shapes(tmp_path):
         if done:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert last_checkpoint(tmp_path).name == "checkpoint-8"
-    assert model_name({"model": "m", "id": "ftjob-1", "user_provided_suffix": None}) == "ft:m:local:ftjob-1"
+    # OpenAI's ft:<model>:<organization>:<suffix>:<id>, the suffix part empty without one
+    assert model_name({"model": "m", "id": "ftjob-1", "user_provided_suffix": None}) == "ft:m:personal::1"
+    assert model_name({"model": "gpt-4o-mini-2024-07-18", "id": "ftjob-Ab9", "user_provided_suffix": "s-1"},
+                      "acme") == "ft:gpt-4o-mini-2024-07-18:acme:s-1:Ab9"
 
 
 def new_job(app, client, file_id) -> dict:
@@ -398,7 +446,9 @@ def test_a_failed_training_is_logged_with_its_traceback(app, client, file_id, mo
     done = store.get_job(job["id"])
     assert done["status"] == "failed" and done["error"]["code"] == "training_failed"
     assert "RuntimeError: training exploded" in done["error"]["message"]
-    assert done["hyperparameters"] == {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 1.0}
+    # resolved for 12 examples as OpenAI would: batch_size 0.2% of 12 -> 1, gpt-4o-mini's multiplier 1.8
+    assert done["hyperparameters"] == {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.8}
+    assert done["method"]["supervised"]["hyperparameters"] == done["hyperparameters"]
     logged = [r for r in caplog.records if r.name == "serve.finetune_api.worker"]
     tail = [r for r in logged if r.levelno == logging.ERROR]
     assert len(tail) == 1 and "exited with status 1" in tail[0].getMessage()
@@ -480,7 +530,7 @@ def test_command_line(tmp_path, monkeypatch, capsys):
 
 
 def test_api_flags_are_generated_from_the_config_fields(tmp_path):
-    """Every key of the API's config is a flag (but the nested sft_overrides); flags beat the YAML."""
+    """Every key of the API's config is a flag (but the mappings sft_overrides and models); flags beat the YAML."""
     import dataclasses
 
     from serve.finetune_api.cli import parser
@@ -489,8 +539,289 @@ def test_api_flags_are_generated_from_the_config_fields(tmp_path):
 
     args = parser().parse_args(["--max-steps", "7", "--no-result-base64", "--log-level", "WARNING",
                                 "--data_dir", "d", "--config", str(tmp_path / "api.yaml")])
-    assert set(args.config_flags) == {f.name for f in dataclasses.fields(FinetuneAPIConfig)} - {"sft_overrides"}
+    assert set(args.config_flags) == {f.name for f in dataclasses.fields(FinetuneAPIConfig)} - {"sft_overrides",
+                                                                                               "models"}
     (tmp_path / "api.yaml").write_text("max_steps: 3\nport: 8111\nsft_overrides: {max_length: 64}\n")
     cfg = load_config(FinetuneAPIConfig, args.config, flag_overrides(args, args.config_flags))
     assert (cfg.max_steps, cfg.port, cfg.result_base64, cfg.log_level, cfg.data_dir) == (7, 8111, False, "warning", "d")
     assert cfg.sft_overrides == {"max_length": 64}
+
+
+# ----------------------------------------------------------------------------- OpenAI's model names
+
+
+def profiles(tmp_path, **models) -> dict:
+    """Profiles named after their base: {name: path of a train/sft.py YAML}."""
+    out = {}
+    for name, base in models.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"model_name_or_path: {base}\nper_device_train_batch_size: 4\nlearning_rate: 0.001\n")
+        out[name] = str(path)
+    return out
+
+
+def test_the_models_map_names_the_base_and_its_profiles(cfg, tmp_path):
+    from serve.finetune_api.config import OPENAI_MODELS, base_names, profile_for
+    from tunekit.errors import UserError
+
+    # no models: every OpenAI name and the local base's own names train with sft_config
+    names = base_names(cfg)
+    assert names[:len(OPENAI_MODELS)] == list(OPENAI_MODELS) and names[-2:] == ["tiny-llama", str(tmp_path / "tiny-llama")]
+    assert {profile_for(cfg, n) for n in names} == {cfg.sft_config}
+    assert profile_for(cfg, "davinci-002") is profile_for(cfg, "gpt-9") is profile_for(cfg, "default") is None
+    p = profiles(tmp_path, a=tmp_path / "tiny-llama", b=f"{tmp_path / 'tiny-llama'}/", other="Qwen/Qwen2.5-1.5B-Instruct")
+    cfg.models = {"gpt-4o-mini-2024-07-18": p["a"], "my-name": p["b"], "default": p["b"]}
+    assert profile_for(cfg, "gpt-4o-mini-2024-07-18") == profile_for(cfg, "gpt-4o-mini") == p["a"]  # the alias too
+    assert profile_for(cfg, "gpt-3.5-turbo-0125") == profile_for(cfg, "tiny-llama") == p["b"]  # the default
+    assert base_names(cfg)[:3] == ["gpt-4o-mini-2024-07-18", "my-name", "gpt-4o-2024-08-06"]
+    cfg.models = {"gpt-4o-mini-2024-07-18": p["a"]}  # no default: only the listed names and the base's own
+    assert profile_for(cfg, "gpt-4.1-2025-04-14") is None and profile_for(cfg, "tiny-llama") == cfg.sft_config
+    assert base_names(cfg) == ["gpt-4o-mini-2024-07-18", "tiny-llama", str(tmp_path / "tiny-llama")]
+    cfg.models = {"gpt-4o-mini-2024-07-18": p["a"], "gpt-4.1-2025-04-14": p["other"]}
+    with pytest.raises(UserError) as e:  # one server, one base model (one vLLM server)
+        base_names(cfg)
+    assert str(e.value).startswith(f"models.gpt-4.1-2025-04-14: {p['other']} trains Qwen/Qwen2.5-1.5B-Instruct but "
+                                   f"sft_config ({cfg.sft_config}) trains {tmp_path / 'tiny-llama'}; one server")
+    assert "\n" not in str(e.value)
+    cfg.sft_overrides = {"model_name_or_path": "/m"}  # the overrides apply to every profile: they agree
+    assert base_names(cfg)[-2:] == ["m", "/m"]
+    cfg.models, cfg.sft_overrides = {"gpt-4o": str(tmp_path / "nope.yaml")}, {}
+    with pytest.raises(UserError, match=r"^models.gpt-4o: .*nope.yaml not found"):
+        base_names(cfg)
+    cfg.models, cfg.organization = {}, "my org"
+    with pytest.raises(UserError, match="^organization: 'my org'; use letters"):
+        base_names(cfg)
+
+
+def test_a_map_whose_profiles_disagree_refuses_to_start(cfg, tmp_path):
+    from serve.finetune_api import create_app
+    from tunekit.errors import UserError
+
+    p = profiles(tmp_path, other="Qwen/Qwen2.5-1.5B-Instruct")
+    cfg.models = {"default": p["other"], "gpt-4o-mini-2024-07-18": cfg.sft_config}
+    with pytest.raises(UserError, match=r"^models.gpt-4o-mini-2024-07-18: .* trains .*tiny-llama but models.default"):
+        create_app(cfg, KEY, run_worker=False)
+
+
+def test_jobs_show_the_openai_model_asked_for_and_train_its_profile(cfg, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from serve.finetune_api import create_app
+
+    p = profiles(tmp_path, a=tmp_path / "tiny-llama")
+    cfg.models = {"gpt-4o-mini-2024-07-18": p["a"], "default": cfg.sft_config}
+    app = create_app(cfg, KEY, run_worker=False)
+    client = TestClient(app, headers={"Authorization": f"Bearer {KEY}"})
+    fid = upload(client).json()["id"]
+    shown = {}
+    for asked in ("gpt-4o-mini-2024-07-18", "gpt-4o-mini", "gpt-3.5-turbo", "gpt-4.1-nano-2025-04-14", "tiny-llama",
+                  str(tmp_path / "tiny-llama")):
+        job = client.post("/v1/fine_tuning/jobs", json={"model": asked, "training_file": fid}).json()
+        shown[asked] = (job["model"], app.state.store.get_private(job["id"])["profile"])
+    assert shown == {"gpt-4o-mini-2024-07-18": ("gpt-4o-mini-2024-07-18", p["a"]),
+                     "gpt-4o-mini": ("gpt-4o-mini-2024-07-18", p["a"]),  # an alias reads as its snapshot
+                     "gpt-3.5-turbo": ("gpt-3.5-turbo-0125", cfg.sft_config),
+                     "gpt-4.1-nano-2025-04-14": ("gpt-4.1-nano-2025-04-14", cfg.sft_config),
+                     "tiny-llama": ("tiny-llama", cfg.sft_config), str(tmp_path / "tiny-llama"): ("tiny-llama", cfg.sft_config)}
+    app.state.store.close()
+
+
+# ----------------------------------------------------------------------------- OpenAI's hyperparameters
+
+
+def test_auto_hyperparameters_resolve_with_openai_defaults():
+    from serve.finetune_api.hyperparameters import auto_batch_size, resolve
+
+    auto = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    assert resolve(auto, 10, "gpt-4o-mini-2024-07-18") == {"n_epochs": 10, "batch_size": 1,
+                                                           "learning_rate_multiplier": 1.8}
+    assert resolve(auto, 10_003, "gpt-3.5-turbo-0125") == {"n_epochs": 2, "batch_size": 20,
+                                                           "learning_rate_multiplier": 2.0}
+    assert resolve({}, 500, "tiny-llama") == {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8}
+    assert resolve({"n_epochs": 4, "batch_size": 3, "learning_rate_multiplier": 0.5}, 10, "m") == {
+        "n_epochs": 4, "batch_size": 3, "learning_rate_multiplier": 0.5}
+    assert [auto_batch_size(n) for n in (0, 249, 250, 749, 750, 10_000, 127_999, 10**6)] == [1, 1, 1, 1, 2, 20, 256, 256]
+    assert resolve(auto, 200_000, "m")["n_epochs"] == 1
+
+
+def test_hyperparameters_map_onto_the_profile():
+    from serve.finetune_api.hyperparameters import describe, plan, split_batch
+
+    assert [split_batch(b, 16) for b in (1, 8, 16, 20, 32, 48, 17, 256)] == [
+        (1, 1), (8, 1), (16, 1), (10, 2), (16, 2), (16, 3), (1, 17), (16, 16)]
+    sft = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 1e-3}
+    hp = {"n_epochs": 3, "batch_size": 16, "learning_rate_multiplier": 1.8}
+    assert plan(sft, hp, 100, "gpt-4o-mini-2024-07-18") == {
+        "num_train_epochs": 3, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3, "max_steps": 21, "steps_for_epochs": 21, "profile_learning_rate": 1e-3,
+        "batch_scale": 1.0}  # "auto" at the profile's own batch: the profile's learning rate
+    small = plan(sft, {**hp, "batch_size": 1, "learning_rate_multiplier": 0.9}, 100, "m", max_steps=60)
+    assert (small["learning_rate"], small["max_steps"], small["steps_for_epochs"]) == (0.00025, 60, 300)
+    big = plan({**sft, "gradient_accumulation_steps": 2}, {**hp, "batch_size": 256, "learning_rate_multiplier": 2},
+               1000, "gpt-3.5-turbo-0125")
+    assert (big["per_device_train_batch_size"], big["gradient_accumulation_steps"], big["learning_rate"],
+            big["max_steps"]) == (16, 16, 0.002, 12)  # x 2 at most for the batch
+    line = describe(small, {**hp, "batch_size": 1, "learning_rate_multiplier": 0.9}, "m")
+    assert line.startswith("n_epochs 3, batch_size 1 (1 per step x 1 accumulated), learning_rate_multiplier 0.9 -> "
+                           "learning rate 0.00025 (the profile's 0.001 x 0.9 / 1.8, OpenAI's default, x 0.5 for the "
+                           "batch size); 60 steps (the server caps jobs at max_steps; the epochs would take 300)")
+
+
+def test_both_spellings_of_hyperparameters_are_accepted(client, file_id):
+    hp = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
+    for body in ({"hyperparameters": hp}, {"method": {"type": "supervised", "supervised": {"hyperparameters": hp}}},
+                 {"hyperparameters": hp, "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}},
+                 {"hyperparameters": {}, "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}):
+        job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, **body})
+        assert job.status_code == 200, job.text
+        assert job.json()["hyperparameters"] == job.json()["method"]["supervised"]["hyperparameters"] == hp
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "seed": 0,
+                                                    "method": {"type": "supervised"},
+                                                    "hyperparameters": {"n_epochs": None}}).json()
+    assert job["seed"] == 0 and job["hyperparameters"] == {k: "auto" for k in hp}
+
+
+def test_validation_resolves_the_hyperparameters_and_the_job_config_uses_them(app, client, file_id, schemas):
+    store, worker = app.state.store, app.state.worker
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini-2024-07-18", "training_file": file_id,
+                                                    "validation_file": file_id, "seed": 42, "suffix": "s",
+                                                    "hyperparameters": {"batch_size": 8}}).json()
+    worker.validate(store.get_job(job["id"]))
+    done = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    check_schema(schemas, "FineTuningJob", done)
+    resolved = {"n_epochs": 8, "batch_size": 8, "learning_rate_multiplier": 1.8}  # 12 examples: 100 // 12 epochs
+    assert done["status"] == "queued" and done["hyperparameters"] == resolved
+    assert done["method"] == {"type": "supervised", "supervised": {"hyperparameters": resolved}}
+    messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]]
+    assert messages == ["Files validated, moving job to queued state",
+                        f"Validating training file: {file_id} and validation file: {file_id}",
+                        f"Created fine-tuning job: {job['id']}"]
+    run_dir = Path(app.state.service.data_dir) / "runs" / job["id"]
+    run_dir.parent.mkdir(parents=True)
+    path, info = worker.job_config(store.get_job(job["id"]), run_dir)
+    import yaml
+
+    sft = yaml.safe_load(path.read_text())
+    # the profile: per-device 4, learning rate 0.001; batch 8 -> 4 x 2, the rate x sqrt(8 / 4)
+    assert {k: sft[k] for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                                "num_train_epochs", "max_steps", "seed", "report_to")} == {
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 0.00141421,
+        "num_train_epochs": 8, "max_steps": 16, "seed": 42, "report_to": "none"}
+    assert info["total_steps"] == 16 and info["hyperparameters"] == resolved and info["env"] == {}
+    assert info["events"] == [("info", f"Training tiny-llama with {app.state.service.cfg.sft_config}: n_epochs 8, "
+                               "batch_size 8 (4 per step x 2 accumulated), learning_rate_multiplier 1.8 -> learning "
+                               "rate 0.00141421 (the profile's 0.001 x 1.8 / 1.8, OpenAI's default, x 1.4142 for the "
+                               "batch size); 16 steps")]
+
+
+def test_a_wandb_integration_logs_when_it_can_and_says_why_not(app, client, file_id, monkeypatch):
+    import yaml
+
+    import serve.finetune_api.integrations as integrations
+
+    store, worker = app.state.store, app.state.worker
+    wandb = {"project": "gpt-pricer", "name": "run-1", "entity": "team", "tags": ["a,b"]}
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "integrations": [
+        {"type": "wandb", "wandb": wandb}, {"type": "wandb", "wandb": {"project": "second"}}]}).json()
+    assert job["integrations"][0] == {"type": "wandb", "wandb": wandb}
+    worker.validate(store.get_job(job["id"]))
+    run_dir = Path(app.state.service.data_dir) / "runs" / job["id"]
+    run_dir.parent.mkdir(parents=True)
+    monkeypatch.setattr(integrations.importlib.util, "find_spec", lambda name: None)
+    _, info = worker.job_config(store.get_job(job["id"]), run_dir)
+    assert info["env"] == {} and info["events"][1:] == [
+        ("warn", "2 Weights & Biases integrations given; this job logs to the first (project gpt-pricer)"),
+        ("warn", "Weights & Biases integration skipped: the wandb package is not installed on this server (pip "
+                 "install wandb); the job trains without it")]
+    monkeypatch.setattr(integrations.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_DISABLED", raising=False)
+    monkeypatch.setenv("NETRC", str(run_dir / "no-netrc"))
+    assert integrations.wandb_ready() == (False, "this server has no wandb login (set WANDB_API_KEY or run "
+                                                 "`wandb login`)")
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    path, info = worker.job_config(store.get_job(job["id"]), run_dir)
+    sft = yaml.safe_load(path.read_text())
+    assert (sft["report_to"], sft["run_name"]) == (["wandb"], "run-1")
+    assert info["env"] == {"WANDB_PROJECT": "gpt-pricer", "WANDB_ENTITY": "team", "WANDB_DIR": str(run_dir),
+                           "WANDB_TAGS": f"a b,openai/finetune,openai/tiny-llama,openai/{job['id']}"}
+    assert info["events"][-1] == ("info", "Weights & Biases: logging to project gpt-pricer of team as run run-1, online")
+
+
+# ----------------------------------------------------------------------------- OpenAI's outputs
+
+
+def test_file_validation_failures_read_like_openai(app, client):
+    store, worker = app.state.store, app.state.worker
+    few = upload(client, content=TRAIN[:len(TRAIN) // 2]).json()["id"]  # 6 examples
+    bad = upload(client, content=TRAIN + b'{"messages": [{"role": "user", "content": "q"}]}\n').json()["id"]
+    good = upload(client).json()["id"]
+    cases = [({"training_file": few}, ("invalid_n_examples", "training_file",
+                                      "Training file has 6 example(s), but must have at least 10 examples")),
+             ({"training_file": good, "validation_file": bad},
+              ("invalid_validation_file", "validation_file", "The job failed due to an invalid validation file. "
+               "Invalid file format: line 13: example_missing_assistant_message: no assistant message to learn from")),
+             ({"training_file": good, "validation_file": few}, None)]  # a validation file needs no 10 examples
+    for body, error in cases:
+        job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", **body}).json()
+        worker.validate(store.get_job(job["id"]))
+        done = store.get_job(job["id"])
+        if error is None:
+            assert done["status"] == "queued" and done["error"] is None
+            continue
+        assert done["status"] == "failed" and (done["error"]["code"], done["error"]["param"]) == error[:2]
+        assert done["error"]["message"] == error[2]
+        assert store.list_events(job["id"], None, 1)[0][0]["message"] == f"Job failed: {error[2]}"
+
+
+def test_a_run_becomes_openai_events_checkpoints_and_results(app, client, file_id, monkeypatch, tmp_path, schemas):
+    import base64
+
+    monkeypatch.setenv("TUNEKIT_REGISTRY", str(tmp_path / "registry.json"))
+    store, worker = app.state.store, app.state.worker
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini-2024-07-18", "training_file": file_id,
+                                                    "suffix": "custom_suffix"}).json()
+    worker.validate(store.get_job(job["id"]))
+    store.update_job(job["id"], status="running")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    name = f"ft:gpt-4o-mini-2024-07-18:personal:custom_suffix:{job['id'].removeprefix('ftjob-')}"
+    records = [{"step": 2, "loss": 2.0312, "mean_token_accuracy": 0.5, "num_tokens": 100},
+               {"step": 4, "loss": 1.5, "mean_token_accuracy": 0.6, "num_tokens": 200},
+               {"step": 4, "eval_loss": 1.25, "eval_mean_token_accuracy": 0.7}]
+    import types
+
+    import serve.finetune_api.worker as worker_module
+
+    seen, clock = {"lines": 0}, iter([1000.0, 1010.0])
+    monkeypatch.setattr(worker_module, "time", types.SimpleNamespace(time=lambda: next(clock, 1010.0)))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "checkpoint-4").mkdir()
+    (run_dir / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    worker.collect(job["id"], run_dir, 12, seen)
+    worker.collect(job["id"], run_dir, 12, seen)  # nothing new: nothing twice
+    running = store.get_job(job["id"])
+    assert running["estimated_finish"] == 1010 + 8 * 10 // 2  # 2 steps in 10 s, 8 to go
+    check_schema(schemas, "FineTuningJob", running)
+    ckpts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()
+    check_schema(schemas, "ListFineTuningJobCheckpointsResponse", ckpts)
+    assert [(c["fine_tuned_model_checkpoint"], c["metrics"]) for c in ckpts["data"]] == [
+        (f"{name}:ckpt-step-4", {"step": 4, "train_loss": 1.5, "train_mean_token_accuracy": 0.6, "valid_loss": 1.25,
+                                 "valid_mean_token_accuracy": 0.7})]
+    assert ckpts["data"][0]["id"].startswith("ftckpt_")
+    (run_dir / "summary.json").write_text(json.dumps({"train_tokens": 4480.0}))
+    worker.succeed(store.get_job(job["id"]), run_dir)
+    done = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    check_schema(schemas, "FineTuningJob", done)
+    assert (done["status"], done["fine_tuned_model"], done["trained_tokens"], done["estimated_finish"]) == (
+        "succeeded", name, 4480, None)
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    assert [e["message"] for e in reversed(events)][3:] == [
+        "Step 2/12: training loss=2.03", "Step 4/12: training loss=1.50", "Step 4/12: validation loss=1.25",
+        f"Checkpoint created at step 4 with Snapshot ID: {name}:ckpt-step-4", f"New fine-tuned model created: {name}",
+        "The job has successfully completed"]
+    result = client.get(f"/v1/files/{done['result_files'][0]}/content").content
+    assert base64.b64decode(result).decode().splitlines() == [
+        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy", "2,2.0312,0.5,,", "4,1.5,0.6,1.25,0.7"]
+    assert json.loads((tmp_path / "registry.json").read_text())["local"]["finetuned"]["model"] == name

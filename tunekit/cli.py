@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "adapters": ("serve.adapters", [], "list, load and unload adapters on a running server"),
     "chat": ("serve.chat", [], "one chat request to a model on either backend"),
     "compare": ("serve.compare", [], "base vs fine-tuned vs a baseline on held-out data: metrics, report, plots"),
+    "distil": ("serve.distil", [], "a model's answers to a prompt set as chat JSONL (keep an ft: model before it retires)"),
     "ui": ("serve.ui", [], "the Gradio app: chat with and compare models"),
     "jobs": ("train.jobs.cli", [], "fine-tuning jobs on OpenAI or the local API: create, follow, list, cancel"),
     "api": ("serve.finetune_api", [], "OpenAI's fine-tuning API, served locally"),

@@ -1,33 +1,47 @@
-"""OpenAI's fine-tuning API, served locally: files and fine-tuning jobs that train with train/sft.py.
+"""OpenAI's fine-tuning API, served locally: files and fine-tuning jobs that train with train/sft.py, and chat
+with the models they make, all on one port.
 
     python -m serve.finetune_api --config configs/banking77/finetune_api.yaml
     python -m serve.finetune_api --port 8100 --data-dir runs/finetune_api --sft-config configs/banking77/sft_cpu.yaml
 
-Any OpenAI client works against it with ``base_url="http://127.0.0.1:8100/v1"``:
+Any OpenAI client works against it with ``base_url="http://127.0.0.1:8100/v1"`` (OPENAI_BASE_URL) and
+the key below (OPENAI_API_KEY); nothing else in a fine-tuning script changes:
 
     client.files.create(file=open("train.jsonl", "rb"), purpose="fine-tune")
-    client.fine_tuning.jobs.create(training_file=..., validation_file=..., model="SmolLM2-135M-Instruct",
-                                   method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}})
-    client.fine_tuning.jobs.retrieve(job_id); client.fine_tuning.jobs.list_events(job_id)
+    job = client.fine_tuning.jobs.create(training_file=..., validation_file=..., model="SmolLM2-135M-Instruct",
+                                         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}})
+    client.fine_tuning.jobs.retrieve(job.id); client.fine_tuning.jobs.list_events(job.id)
+    client.chat.completions.create(model=job.fine_tuned_model, messages=[...], stream=True)
 
-Endpoints: /v1/files (upload, list, retrieve, content, delete) and /v1/fine_tuning/jobs (create, list,
-retrieve, cancel, events, checkpoints). Jobs run one at a time: validating_files -> queued -> running
+Endpoints: /v1/files (upload, list, retrieve, content, delete), /v1/fine_tuning/jobs (create, list,
+retrieve, cancel, events, checkpoints), /v1/models (list, retrieve), /v1/chat/completions and
+/v1/completions (streaming too). Jobs run one at a time: validating_files -> queued -> running
 -> succeeded | failed | cancelled, each as ``accelerate launch train/sft.py`` on a config derived from
 ``sft_config`` and the job's hyperparameters (see serve/finetune_api/worker.py). A succeeded job's
-``fine_tuned_model`` is ``ft:<base>:<suffix>:<job id>``: the adapter is recorded in runs/registry.json
-(the client's ``finetuned`` alias) and, when ``vllm_url`` is set, loaded into that vLLM server.
+``fine_tuned_model`` is ``ft:<base>:...:<job id>``: the adapter is recorded in runs/registry.json (the
+client's ``finetuned`` alias) and loaded into the vLLM server.
 State lives in SQLite under ``data_dir``: a restart loses no file or job, and a job that was running
 resumes from its last checkpoint.
 
-The API key is ``--api-key`` or the environment variable TUNEKIT_API_KEY (or a .env file); it is
-required to listen on any address other than loopback, and never logged. The log (stderr,
-``--log-level``, default info) has one line per request and each job's steps; internal errors and
-failed training runs with their tracebacks.
+Chat: the models are the base model (by its OpenAI names and its own), every succeeded job's
+``fine_tuned_model`` and every checkpoint's ``fine_tuned_model_checkpoint``; requests are forwarded to
+a vLLM server (``proxy.py``), which loads each adapter on first use. That server is ``vllm_url`` if
+set; otherwise the command starts one itself on 127.0.0.1 (``vllm_port``, default a free port;
+``serve_config`` for its dtype, context length, ...) in the background and stops it with the API
+(Ctrl-C, SIGTERM; a killed API takes it along). Chat answers 503 until it is ready, or naming why it
+is not; ``--no-start-vllm`` serves fine-tuning only.
 
-The package: ``config`` (the YAML keys and flags), ``cli`` (``main``), ``routes`` (the FastAPI app),
-``middleware`` (key check, request log, error envelope), ``models`` (request and response models),
-``service`` (request checks and logic), ``store`` (SQLite), ``worker`` (the job queue and training
-processes), ``metrics`` (train/sft.py's output in OpenAI's shapes).
+The API key is ``--api-key`` or the environment variable TUNEKIT_API_KEY (or a .env file); it is
+required to listen on any address other than loopback, and never logged. The vLLM server gets the
+key in ``vllm_api_key_env`` (by default the same variable). The log (stderr, ``--log-level``, default
+info) has one line per request and each job's steps; internal errors and failed training runs with
+their tracebacks; vLLM's own output goes to ``<data_dir>/vllm.log``.
+
+The package: ``config`` (the YAML keys and flags), ``cli`` (``main``, and ``LocalVLLM``: the vLLM server
+it starts), ``routes`` (the FastAPI app), ``middleware`` (key check, request log, error envelope),
+``models`` (request and response models), ``service`` (request checks and logic), ``store`` (SQLite),
+``worker`` (the job queue and training processes), ``metrics`` (train/sft.py's output in OpenAI's
+shapes), ``proxy`` (the models and the forwarding of chat to vLLM).
 """
 
 from __future__ import annotations
@@ -43,7 +57,7 @@ from .config import FinetuneAPIConfig, base_model_of, load_dotenv
 # command line stay importable without them (``tunekit api`` then names the extra to install).
 LAZY = {"create_app": "routes", "APIError": "service", "PURPOSES": "service", "Service": "service",
         "safe_filename": "service", "envelope": "models", "Store": "store", "new_id": "store", "Worker": "worker",
-        "TERMINAL": "worker"}
+        "TERMINAL": "worker", "Proxy": "proxy", "Upstream": "proxy"}
 
 __all__ = ["FinetuneAPIConfig", "base_model_of", "is_loopback", "load_dotenv", "main", "parser", *LAZY]
 

@@ -7,6 +7,7 @@ config loads on the base install (train/jobs and the tests read it).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,10 @@ class FinetuneAPIConfig:
     sft_config: str = opt("configs/banking77/sft_cpu.yaml", "train/sft.py config jobs start from")
     sft_overrides: dict = opt(dict, "sft keys set for every job (model, max_length, ...); YAML only")
     base_model: str | None = opt(None, "the model name jobs give (default: the sft config's model folder name)")
+    models: dict = opt(dict, "OpenAI model name -> train/sft.py profile; 'default' for the other OpenAI names "
+                             "(empty: every OpenAI name -> sft_config); YAML only")
+    organization: str = opt("personal", "the organization part of fine-tuned model names, "
+                                        "ft:<model>:<organization>:<suffix>:<id>")
     max_steps: int | None = opt(None, "cap on every job's training steps (CPU demos); unset: n_epochs decide")
     max_attempts: int = opt(3, "starts of a job (server restarts included) before it fails")
     max_file_mb: float = opt(512.0, "upload size limit in MB (413 above it)")
@@ -31,13 +36,94 @@ class FinetuneAPIConfig:
     api_key_env: str = opt("TUNEKIT_API_KEY", "environment variable holding the key clients must send")
     vllm_url: str | None = opt(None, "load finished adapters into this vLLM server, e.g. http://127.0.0.1:8000/v1")
     vllm_api_key_env: str = opt("TUNEKIT_API_KEY", "environment variable holding that vLLM server's key")
+    start_vllm: bool = opt(True, "without vllm_url, start a vLLM server behind /v1/chat/completions (and stop it "
+                                 "with the API); --no-start-vllm serves fine-tuning only")
+    vllm_port: int | None = opt(None, "port of the vLLM server it starts, on 127.0.0.1 (default: a free one; "
+                                      "clients only ever use `port`)")
+    serve_config: str | None = opt(None, "serve.yaml whose server: and sampling: sections (dtype, max_model_len, "
+                                         "block_size, ...) the vLLM server it starts uses; its model is the sft config's")
     log_level: LogLevel = opt("info", "of the server's and the job worker's log on stderr")
 
 
-def base_model_of(cfg: FinetuneAPIConfig) -> tuple[str, str]:
-    """(name jobs use, model_name_or_path of training)."""
-    sft = read_yaml(cfg.sft_config)
+# ----------------------------------------------------------------------------- model names
+#
+# ``models:`` maps OpenAI's model names to train/sft.py profiles (YAMLs like configs/banking77/sft_cpu.yaml).
+# A request for a listed name trains with its profile; ``default`` (or, without it, ``sft_config``) is
+# the profile of the local base's own names and, when the map is empty or has a ``default``, of every
+# other name in OPENAI_MODELS. One server fine-tunes one base model (it feeds one vLLM server), so every
+# profile must name the same model_name_or_path (``sft_overrides`` applies on top of each).
+
+# OpenAI's fine-tunable chat models (fine-tuning guide; CreateFineTuningJobRequest.model in openapi.yaml
+# lists the aliases gpt-3.5-turbo and gpt-4o-mini). babbage-002 and davinci-002 take prompt/completion
+# files, which this server does not train on; it trains chat JSONL only.
+OPENAI_MODELS = ("gpt-4o-mini-2024-07-18", "gpt-4o-2024-08-06", "gpt-4.1-2025-04-14", "gpt-4.1-mini-2025-04-14",
+                 "gpt-4.1-nano-2025-04-14", "gpt-4-0613", "gpt-3.5-turbo-0125", "gpt-3.5-turbo-1106",
+                 "gpt-3.5-turbo-0613", "gpt-4o-mini", "gpt-3.5-turbo")
+# What OpenAI's job object shows for an alias: the snapshot it resolves to (a job created with
+# model="gpt-3.5-turbo" reads model="gpt-3.5-turbo-0125").
+ALIASES = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-3.5-turbo": "gpt-3.5-turbo-0125"}
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def default_profile(cfg: FinetuneAPIConfig) -> str:
+    return str((cfg.models or {}).get("default") or cfg.sft_config)
+
+
+def _base_path(cfg: FinetuneAPIConfig, profile: str, where: str) -> str:
+    if not Path(profile).is_file():
+        raise UserError(f"{where}: {profile} not found (a train/sft.py YAML such as configs/banking77/sft_cpu.yaml)")
+    sft = read_yaml(profile)
     path = str((cfg.sft_overrides or {}).get("model_name_or_path") or sft.get("model_name_or_path") or "")
     if not path:
-        raise UserError(f"{cfg.sft_config}: model_name_or_path is missing")
-    return cfg.base_model or Path(path.rstrip("/")).name, path
+        raise UserError(f"{where}: {profile} has no model_name_or_path")
+    return path.rstrip("/") or path
+
+
+def check_models(cfg: FinetuneAPIConfig) -> str:
+    """The base model's model_name_or_path, after checking ``models``, ``organization`` and the profiles
+    (a UserError, one line naming the key, otherwise)."""
+    if not SAFE_NAME.fullmatch(cfg.organization or ""):
+        raise UserError(f"organization: {cfg.organization!r}; use letters, digits, '.', '-' or '_' (it is a part "
+                        "of every ft: model name)")
+    if not isinstance(cfg.models, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                                   for k, v in cfg.models.items()):
+        raise UserError("models: a mapping of model names to train/sft.py YAML files, e.g. "
+                        "{gpt-4o-mini-2024-07-18: configs/banking77/sft_cpu.yaml, default: ...}")
+    base = ("models.default" if "default" in cfg.models else "sft_config", default_profile(cfg))
+    path = _base_path(cfg, base[1], base[0])
+    for name, profile in cfg.models.items():
+        other = _base_path(cfg, profile, f"models.{name}")
+        if other != path:
+            raise UserError(f"models.{name}: {profile} trains {other} but {base[0]} ({base[1]}) trains {path}; one "
+                            "server fine-tunes one base model (one vLLM server): give every profile the same "
+                            "model_name_or_path, or run one server per base model")
+    return path
+
+
+def base_model_of(cfg: FinetuneAPIConfig) -> tuple[str, str]:
+    """(name jobs use, model_name_or_path of training), after ``check_models``."""
+    path = check_models(cfg)
+    return cfg.base_model or Path(path).name, path
+
+
+def base_names(cfg: FinetuneAPIConfig) -> list[str]:
+    """Every model name that means this server's base model: the OpenAI names it fine-tunes (the map's,
+    and OPENAI_MODELS where the default applies), then the local base's name and its path."""
+    models = cfg.models or {}
+    names = [k for k in models if k != "default"]
+    if not models or "default" in models:
+        names += OPENAI_MODELS
+    return list(dict.fromkeys([*names, *base_model_of(cfg)]))
+
+
+def profile_for(cfg: FinetuneAPIConfig, requested) -> str | None:
+    """The train/sft.py profile a job for model ``requested`` trains with; None: not a name fine-tuned here."""
+    models = cfg.models or {}
+    if not isinstance(requested, str) or requested == "default":
+        return None
+    for name in (requested, ALIASES.get(requested)):
+        if name in models:
+            return str(models[name])
+    if requested in base_names(cfg):
+        return default_profile(cfg)
+    return None

@@ -16,8 +16,11 @@ from pathlib import Path
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 
 
-def model_name(job: dict) -> str:
-    return f"ft:{job['model']}:{job.get('user_provided_suffix') or 'local'}:{job['id']}"
+def model_name(job: dict, organization: str = "personal") -> str:
+    """OpenAI's shape ``ft:<model>:<organization>:<suffix>:<id>`` (the suffix part empty without one); the id
+    part is the job id without ``ftjob-``, so the name leads back to its job. Checkpoints append
+    ``:ckpt-step-N``."""
+    return f"ft:{job['model']}:{organization}:{job.get('user_provided_suffix') or ''}:{job['id'].removeprefix('ftjob-')}"
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -41,12 +44,10 @@ def metrics_data(rec: dict, total: int) -> dict | None:
 
 
 def metrics_message(d: dict) -> str:
-    parts = [f"Step {d['step']}/{d['total_steps']}:"]
-    if "train_loss" in d:
-        parts.append(f"training loss={d['train_loss']:.4f}")
-    if "valid_loss" in d:
-        parts.append(f"validation loss={d['valid_loss']:.4f}")
-    return " ".join(parts)
+    """OpenAI's wording: "Step 300/300: training loss=0.15, validation loss=0.27" (two decimals)."""
+    parts = [f"{label} loss={d[key]:.2f}" for key, label in (("train_loss", "training"), ("valid_loss", "validation"))
+             if key in d]
+    return f"Step {d['step']}/{d['total_steps']}: " + ", ".join(parts)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -86,3 +87,17 @@ def results_csv(run_dir: Path) -> bytes:
     for step in sorted(rows):
         writer.writerow(rows[step])
     return buf.getvalue().encode()
+
+
+def trained_tokens(run_dir: Path) -> int | None:
+    """The job's ``trained_tokens``: train/sft.py's summary.json ``train_tokens`` (TRL's count of the tokens
+    trained on, every epoch), else the last ``num_tokens`` metrics.jsonl logged."""
+    path = run_dir / "summary.json"
+    try:
+        n = json.loads(path.read_text()).get("train_tokens") if path.exists() else None
+    except (OSError, ValueError):
+        n = None
+    if n is None:
+        n = max((r["num_tokens"] for r in read_metrics(run_dir) if isinstance(r.get("num_tokens"), (int, float))),
+                default=None)
+    return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n == n else None

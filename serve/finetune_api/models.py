@@ -1,26 +1,27 @@
 """The API's request and response shapes, checked in code: FastAPI validates every JSON response against them.
 
 Objects are the openai SDK's own pydantic types (``FileObject``, ``FineTuningJob``, ``FineTuningJobEvent``,
-``FineTuningJobCheckpoint``, ``FileDeleted``), so a response that the SDK could not parse cannot leave
-the server; the list envelopes and the error envelope are OpenAI's, written here. The service returns
-plain dicts (the JSON the store keeps); each route validates them into its ``response_model`` and
-serializes with ``exclude_unset``, so a key the object lacks (``FileObject.expires_at``) is left out
-rather than sent as null. A response that does not fit its model is an internal error: status 500 in
-the error envelope, its traceback logged.
+``FineTuningJobCheckpoint``, ``FileDeleted``, ``Model``), so a response that the SDK could not parse
+cannot leave the server; the list envelopes and the error envelope are OpenAI's, written here. The
+service returns plain dicts (the JSON the store keeps); each route validates them into its
+``response_model`` and serializes with ``exclude_unset``, so a key the object lacks
+(``FileObject.expires_at``) is left out rather than sent as null. A response that does not fit its
+model is an internal error: status 500 in the error envelope, its traceback logged. (Chat and
+completion answers are the vLLM server's, passed on as they come: see proxy.py.)
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from openai.types import FileDeleted, FileObject
+from openai.types import FileDeleted, FileObject, Model
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent, FineTuningJobWandbIntegrationObject
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from pydantic import BaseModel
 
 __all__ = ["CheckpointList", "ErrorDetail", "ErrorResponse", "EventList", "FileDeleted", "FileList", "FileObject",
            "FineTuningJob", "FineTuningJobCheckpoint", "FineTuningJobEvent", "FineTuningJobWandbIntegrationObject",
-           "Health", "JobCreateRequest", "JobList", "envelope"]
+           "Health", "JobCreateRequest", "JobList", "Model", "ModelList", "envelope"]
 
 
 # ----------------------------------------------------------------------------- lists (cursor pages)
@@ -55,6 +56,12 @@ class CheckpointList(BaseModel):
     last_id: str | None
 
 
+class ModelList(BaseModel):
+    """ListModelsResponse (not paginated)."""
+    object: Literal["list"]
+    data: list[Model]
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 
@@ -87,7 +94,7 @@ class JobCreateRequest(BaseModel):
 
     It documents the route (/docs, /openapi.json); the service checks the raw body itself, so each
     mistake gets OpenAI's message, ``param`` and ``code`` (``model_not_available``, ``invalid_file``,
-    ``invalid_hyperparameters``) rather than a generic validation error.
+    ``integer_below_min_value``, ... see checks.py) rather than a generic validation error.
     """
     model: str
     training_file: str

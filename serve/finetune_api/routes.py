@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI's /v1/files and /v1/fine_tuning/jobs routes, thin over ``service.Service``.
+"""The FastAPI app: OpenAI's /v1/files and /v1/fine_tuning/jobs routes, thin over ``service.Service``, and
+/v1/models, /v1/chat/completions and /v1/completions, forwarded to the vLLM server by ``proxy.Proxy``.
 
 Each route reads its parameters, calls the service and returns what it gives; its ``response_model``
 (``models.py``) checks the JSON on the way out. The key check, the request log and the error
@@ -6,6 +7,8 @@ envelope around them are in ``middleware.py``.
 
 ``create_app(cfg, api_key, run_worker=False)`` builds the app without starting the job worker: requests are
 served from the store and jobs stay queued (the unit tests use it with FastAPI's TestClient).
+``upstream`` (a ``proxy.Upstream``) is where chat goes; by default ``cfg.vllm_url``. The app starts no
+vLLM server itself: ``cli.main`` does, around it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from fastapi.responses import FileResponse
 from .config import FinetuneAPIConfig
 from .middleware import add_error_handlers, add_middleware
 from .models import (CheckpointList, ErrorResponse, EventList, FileDeleted, FileList, FileObject, FineTuningJob,
-                     Health, JobCreateRequest, JobList)
+                     Health, JobCreateRequest, JobList, Model, ModelList)
+from .proxy import Models, Proxy, Upstream
 from .service import PURPOSES, Service
 from .store import Store
 from .worker import Worker
@@ -32,6 +36,11 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": PURPOSES}}}}}}}
 JOB_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": JobCreateRequest.model_json_schema()}}}}
+CHAT_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["model"], "additionalProperties": True,
+    "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}}}}}}}
+CHAT_RESPONSES = {200: {"content": {"application/json": {}, "text/event-stream": {}}},
+                  **{status: {"model": ErrorResponse} for status in (502, 503, 504)}}
 
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
@@ -41,6 +50,13 @@ def service(request: Request) -> Service:
 
 
 Svc = Annotated[Service, Depends(service)]
+
+
+def proxy(request: Request) -> Proxy:
+    return request.app.state.proxy
+
+
+Px = Annotated[Proxy, Depends(proxy)]
 
 
 # ----------------------------------------------------------------------------- files
@@ -110,6 +126,30 @@ def list_checkpoints(job_id: str, svc: Svc, after: str | None = None, limit: int
     return svc.list_checkpoints(job_id, after, limit)
 
 
+# ----------------------------------------------------------------------------- models and chat (proxy.py)
+
+
+@router.get("/models", response_model=ModelList, **JSON)
+def list_models(px: Px):
+    return {"object": "list", "data": px.models.listing()}
+
+
+@router.get("/models/{model:path}", response_model=Model, **JSON)
+def retrieve_model(model: str, px: Px):
+    return px.models.get(model)
+
+
+@router.post("/chat/completions", openapi_extra=CHAT_BODY, responses=CHAT_RESPONSES)
+async def chat_completions(request: Request, px: Px):
+    """Forwarded to the vLLM server; ``stream: true`` answers server-sent events, relayed as they come."""
+    return await px.forward(request, "/chat/completions")
+
+
+@router.post("/completions", openapi_extra=CHAT_BODY, responses=CHAT_RESPONSES)
+async def completions(request: Request, px: Px):
+    return await px.forward(request, "/completions")
+
+
 def health() -> dict:
     return {"status": "ok"}
 
@@ -117,12 +157,14 @@ def health() -> dict:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(cfg: FinetuneAPIConfig, api_key: str | None = None, *, run_worker: bool = True) -> FastAPI:
+def create_app(cfg: FinetuneAPIConfig, api_key: str | None = None, *, run_worker: bool = True,
+               upstream: Upstream | None = None) -> FastAPI:
     """The app over ``cfg.data_dir``; its lifespan starts the job worker (unless ``run_worker`` is false)."""
     data_dir = Path(cfg.data_dir).resolve()
     store = Store(data_dir / "state.db")
     svc = Service(cfg, store)
     worker = Worker(store, cfg, data_dir)
+    px = Proxy(cfg, Models(cfg, store), upstream or Upstream.of(cfg))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -133,9 +175,10 @@ def create_app(cfg: FinetuneAPIConfig, api_key: str | None = None, *, run_worker
         finally:
             if run_worker:
                 worker.shutdown()
+            await px.aclose()
 
     app = FastAPI(title="tunekit fine-tuning API", lifespan=lifespan)
-    app.state.store, app.state.worker, app.state.service = store, worker, svc
+    app.state.store, app.state.worker, app.state.service, app.state.proxy = store, worker, svc, px
     add_error_handlers(app)
     add_middleware(app, api_key)
     app.include_router(router)

@@ -1,43 +1,37 @@
 """The logic between the routes and the store and worker: files, jobs, and the checks of every request.
 
 Each mistake in a request is an ``APIError`` with OpenAI's status, message, ``param`` and ``code``
-(``model_not_available``, ``invalid_file``, ``invalid_hyperparameters``, ``fine_tune_not_found``,
-``invalid_state``, ``file_too_large``); the app sends it in OpenAI's error envelope. The service knows
-nothing of HTTP beyond an upload's ``read()``/``filename``: it returns the plain dicts the store keeps,
-and the routes' response models check them. Its log (logger ``serve.finetune_api.service``) records
-what changed: uploads, deletions, new and cancelled jobs.
+(``model_not_available``, ``invalid_file``, ``fine_tune_not_found``, ``invalid_state``, ``file_too_large``,
+and the field checks of ``checks.py``); the app sends it in OpenAI's error envelope. A job names an
+OpenAI model (``gpt-4o-mini-2024-07-18``) or the local base; ``config.profile_for`` picks the train/sft.py
+profile it trains with, and the job shows the name it was asked for (an alias as the snapshot OpenAI
+resolves it to). The service knows nothing of HTTP beyond an upload's ``read()``/``filename``: it
+returns the plain dicts the store keeps, and the routes' response models check them. Its log (logger
+``serve.finetune_api.service``) records what changed: uploads, deletions, new and cancelled jobs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import secrets
 import time
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from .config import FinetuneAPIConfig, base_model_of
-from .models import FineTuningJob, FineTuningJobWandbIntegrationObject
+from . import checks
+from .config import ALIASES, FinetuneAPIConfig, base_model_of, base_names, profile_for
+from .errors import APIError
+from .models import FineTuningJob
 from .store import Store, new_id
 from .worker import TERMINAL
 
+__all__ = ["APIError", "PURPOSES", "Service", "listing", "safe_filename"]
 PURPOSES = ("assistants", "assistants_output", "batch", "batch_output", "fine-tune", "fine-tune-results",
             "vision", "user_data")
-HYPERPARAMETERS = (("n_epochs", int, 1, 50), ("batch_size", int, 1, 256), ("learning_rate_multiplier", float, 0, None))
+REQUEST_KEYS = ("model", "training_file", "validation_file", "hyperparameters", "suffix", "seed", "method",
+                "integrations", "metadata")
 log = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    """A request the API refuses: sent as ``{"error": {...}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
 
 def safe_filename(name: str | None) -> str:
@@ -58,53 +52,6 @@ def check_limit(limit: int, top: int) -> int:
     if not 1 <= limit <= top:
         raise APIError(400, f"limit must be between 1 and {top}", param="limit")
     return limit
-
-
-def hyperparameters(body: dict) -> dict:
-    """n_epochs, batch_size and learning_rate_multiplier of a job request: each 'auto' or in range."""
-    method = body.get("method")
-    if method is not None:
-        if not isinstance(method, dict) or method.get("type") != "supervised":
-            raise APIError(400, "method.type: only 'supervised' fine-tuning is available here", param="method.type")
-        hp = ((method.get("supervised") or {}).get("hyperparameters") or {})
-    else:
-        hp = body.get("hyperparameters") or {}  # deprecated form, still accepted
-    if not isinstance(hp, dict):
-        raise APIError(400, "hyperparameters must be an object", param="hyperparameters")
-    out = {}
-    for key, kind, low, high in HYPERPARAMETERS:
-        value = hp.get(key, "auto")
-        ok = value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                 and math.isfinite(value) and (kind is float or float(value).is_integer())
-                                 and (value > low if kind is float else value >= low)
-                                 and (high is None or value <= high))
-        if not ok:
-            raise APIError(400, f"hyperparameters.{key}: {value!r} is not 'auto' or a "
-                           + (f"number > {low}" if kind is float else f"whole number from {low} to {high}"),
-                           param=f"hyperparameters.{key}", code="invalid_hyperparameters")
-        out[key] = value if value == "auto" else kind(value)
-    extra = sorted(set(hp) - set(out))
-    if extra:
-        raise APIError(400, f"hyperparameters: unknown key(s) {', '.join(extra)}", param="hyperparameters")
-    return out
-
-
-def integrations_of(body: dict) -> list[dict] | None:
-    integrations = body.get("integrations")
-    if isinstance(integrations, dict):
-        integrations = [integrations]
-    for item in integrations or []:
-        ok = bool(isinstance(item, dict) and item.get("type") == "wandb" and isinstance(item.get("wandb"), dict)
-                  and item["wandb"].get("project"))
-        if ok:  # and the rest of it as OpenAI's job object types it (project, entity, name, tags)
-            try:
-                FineTuningJobWandbIntegrationObject.model_validate(item)
-            except ValidationError:
-                ok = False
-        if not ok:
-            raise APIError(400, "integrations: each must be {'type': 'wandb', 'wandb': {'project': ...}}",
-                           param="integrations")
-    return integrations or None
 
 
 class Service:
@@ -188,8 +135,10 @@ class Service:
 
     def _training_file(self, body: dict, param: str) -> str | None:
         file_id = body.get(param)
-        if file_id is None and param == "validation_file":
-            return None
+        if file_id is None:
+            if param == "validation_file":
+                return None
+            raise checks.missing(param)
         found = self.store.get_file(file_id) if isinstance(file_id, str) else None
         if not found:
             raise APIError(400, f"invalid {param}: no file {file_id!r}; upload it with purpose 'fine-tune'",
@@ -199,6 +148,18 @@ class Service:
                            f"{found[0]['purpose']!r}, not 'fine-tune'", param=param, code="invalid_file")
         return file_id
 
+    def _model(self, body: dict) -> tuple[str, str]:
+        """(the name the job shows, the train/sft.py profile it trains with)."""
+        model = body.get("model")
+        if model is None:
+            raise checks.missing("model")
+        profile = profile_for(self.cfg, model)
+        if profile is None:
+            raise APIError(400, f"Model {model} is not available for fine-tuning or does not exist. This server "
+                           f"fine-tunes {self.base_name} as: {', '.join(base_names(self.cfg))}", param="model",
+                           code="model_not_available")
+        return (self.base_name if model == self.base_path else ALIASES.get(model, model)), profile
+
     def create_job(self, raw: bytes) -> dict:
         """A new job from the JSON body of POST /v1/fine_tuning/jobs; the worker validates its files next."""
         try:
@@ -207,40 +168,30 @@ class Service:
             raise APIError(400, "the request body is not JSON") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
-        model = body.get("model")
-        if model not in (self.base_name, self.base_path):
-            raise APIError(400, f"model {model!r} is not available for fine-tuning here; this server "
-                           f"fine-tunes {self.base_name!r}", param="model", code="model_not_available")
+        for key in body:
+            if key not in REQUEST_KEYS:
+                raise APIError(400, f"Unknown parameter: '{key}'.", param=key, code="unknown_parameter")
+        model, profile = self._model(body)
         train = self._training_file(body, "training_file")
         valid = self._training_file(body, "validation_file")
-        suffix = body.get("suffix")
-        if suffix is not None and not (isinstance(suffix, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", suffix)):
-            raise APIError(400, "suffix: 1 to 64 letters, digits, '-' or '_'", param="suffix")
-        hp = hyperparameters(body)
-        seed = body.get("seed")
+        suffix = checks.suffix(body.get("suffix"))
+        hp = checks.hyperparameters(body)
+        seed = checks.seed(body.get("seed"))
         if seed is None:
             seed = secrets.randbelow(2**31)
-        elif not isinstance(seed, int) or isinstance(seed, bool):
-            raise APIError(400, "seed must be an integer", param="seed")
-        integrations = integrations_of(body)
-        metadata = body.get("metadata")
-        if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str)
-                                                                             for v in metadata.values())):
-            raise APIError(400, "metadata must be an object of strings", param="metadata")
-        job = {"object": "fine_tuning.job", "id": new_id("ftjob-"), "model": self.base_name,
+        integrations = checks.integrations(body.get("integrations"))
+        metadata = checks.metadata(body.get("metadata"))
+        job = {"object": "fine_tuning.job", "id": new_id("ftjob-"), "model": model,
                "created_at": int(time.time()), "finished_at": None, "fine_tuned_model": None,
                "organization_id": "org-local", "result_files": [], "status": "validating_files",
                "validation_file": valid, "training_file": train, "hyperparameters": hp, "trained_tokens": None,
                "error": None, "user_provided_suffix": suffix, "seed": seed, "estimated_finish": None,
                "integrations": integrations, "metadata": metadata,
-               "method": {"type": "supervised", "supervised": {"hyperparameters": hp}}}
+               "method": {"type": "supervised", "supervised": {"hyperparameters": dict(hp)}}}
         FineTuningJob.model_validate(job)  # never store a job that its routes could not serve
-        self.store.add_job(job, {"attempts": 0})
+        self.store.add_job(job, {"attempts": 0, "profile": profile})
         self.store.add_event(job["id"], f"Created fine-tuning job: {job['id']}")
-        if integrations:
-            self.store.add_event(job["id"], "Weights & Biases integration recorded; this server trains offline and "
-                                 "sends no metrics to wandb", level="warn")
-        log.info("job %s created: training_file %s%s", job["id"], train,
+        log.info("job %s created: model %s (profile %s), training_file %s%s", job["id"], model, profile, train,
                  f", validation_file {valid}" if valid else "")
         return job
 

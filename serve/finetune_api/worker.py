@@ -1,11 +1,15 @@
 """The job worker of the local fine-tuning API: one job at a time, train/sft.py as a subprocess.
 
-A job goes validating_files -> queued -> running -> succeeded | failed | cancelled. Validation uses
-data_prep's rules (the same ones ``python -m data_prep validate`` prints). Training is
-``accelerate launch train/sft.py --config <job.yaml>`` in its own process group; its metrics.jsonl
-becomes ``metrics`` events and its checkpoint-N folders become checkpoints. A job that was running
-when the server stopped is started again (train/sft.py resumes from its last complete checkpoint),
-or failed with the reason after ``max_attempts`` starts.
+A job goes validating_files -> queued -> running -> succeeded | failed | cancelled, with OpenAI's events
+on the way ("Validating training file: ...", "Files validated, moving job to queued state", "Fine-tuning
+job started", "Step 1/90: training loss=2.03", "Checkpoint created at step 30 with Snapshot ID: ...",
+"New fine-tuned model created: ft:...", "The job has successfully completed"). Validation is
+data_prep's, failures worded as OpenAI's (validation.py); then the hyperparameters are resolved
+(hyperparameters.py) and the job shows numbers. Training is ``accelerate launch train/sft.py --config
+<job.yaml>`` on the job's profile in its own process group; its metrics.jsonl becomes ``metrics`` events
+(and ``estimated_finish``), its checkpoint-N folders checkpoints, its summary.json ``trained_tokens``.
+A job that was running when the server stopped is started again (train/sft.py resumes from its last
+complete checkpoint), or failed with the reason after ``max_attempts`` starts.
 
 Logging (logger ``serve.finetune_api.worker``): each job's transitions at INFO, a failed job at
 WARNING, a training process that exits with an error at ERROR with the last lines of its log
@@ -17,7 +21,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import math
 import os
 import re
 import subprocess
@@ -32,17 +35,17 @@ from tunekit.cli import accelerate_command
 from tunekit.processes import stop_group
 from tunekit.errors import UserError
 
-from .metrics import last_checkpoint, metrics_data, metrics_message, model_name, results_csv, step_metrics
+from . import hyperparameters
+from .config import profile_for
+from .integrations import wandb_settings
+from .metrics import (last_checkpoint, metrics_data, metrics_message, model_name, results_csv, step_metrics,
+                      trained_tokens)
 from .store import Store, new_id
+from .validation import file_error
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: train/sft.py and its imports
 log = logging.getLogger(__name__)
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def whole(n) -> int | None:
-    """A count as an int (TRL logs token counts as floats: 1234.0); None when there is none."""
-    return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) else None
 
 
 def alive(pid: int | None) -> bool:
@@ -141,8 +144,7 @@ class Worker:
         log.warning("job %s failed (%s): %s", job_id, code, message)
 
     def validate(self, job: dict) -> None:
-        from data_prep.validate import validate_file
-
+        """data_prep's checks of the job's files, then its hyperparameters resolved for the training file."""
         self.store.add_event(job["id"], "Validating training file: " + job["training_file"]
                              + (f" and validation file: {job['validation_file']}" if job["validation_file"] else ""))
         counts = {}
@@ -151,47 +153,41 @@ class Worker:
             if not file_id:
                 continue
             found = self.store.get_file(file_id)
-            if not found:
-                return self.fail(job["id"], "invalid_file", f"{param} {file_id} was deleted", param)
-            obj, path = found
-            n, problems = validate_file(path)
-            if problems:
-                shown = "; ".join(f"line {p.line}: {p.code}: {p.message}" for p in problems[:5])
-                more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-                return self.fail(job["id"], "invalid_training_file" if param == "training_file" else "invalid_validation_file",
-                                 f"{param} {file_id} ({obj['filename']}) is not valid chat JSONL: {shown}{more}", param)
-            counts[param] = n
+            counts[param], error = file_error(param, file_id, found[1] if found else None)
+            if error:
+                return self.fail(job["id"], error["code"], error["message"], error["param"])
+        hp = hyperparameters.resolve(job["method"]["supervised"]["hyperparameters"], counts["training_file"],
+                                     job["model"])
         with self.store.lock:
             if self.store.get_job(job["id"])["status"] != "validating_files":  # cancelled meanwhile
                 return
-            self.store.update_job(job["id"], status="queued", private={"train_examples": counts["training_file"]})
-        log.info("job %s: files validated (%d training examples); queued", job["id"], counts["training_file"])
-        self.store.add_event(job["id"], f"Files validated ({counts['training_file']} training examples); job queued")
+            self.store.update_job(job["id"], status="queued", hyperparameters=hp,
+                                  method={"type": "supervised", "supervised": {"hyperparameters": dict(hp)}},
+                                  private={"train_examples": counts["training_file"]})
+        log.info("job %s: files validated (%d training examples, %s); queued", job["id"], counts["training_file"],
+                 ", ".join(f"{k} {v:g}" for k, v in hp.items()))
+        self.store.add_event(job["id"], "Files validated, moving job to queued state")
 
     def job_config(self, job: dict, run_dir: Path) -> tuple[Path, dict]:
-        """The sft config of this job: the base config, the server's overrides, the job's hyperparameters."""
+        """The sft config of this job: its profile, the server's overrides, the job's hyperparameters (see
+        hyperparameters.py for what each means locally), its seed and its wandb integration."""
         from tunekit.config import read_yaml
-        from data_prep.stats import default_epochs
 
-        sft = read_yaml(self.cfg.sft_config)
-        sft.update(self.cfg.sft_overrides or {})
         priv = self.store.get_private(job["id"])
-        hp = job["method"]["supervised"]["hyperparameters"]
+        profile = priv.get("profile") or profile_for(self.cfg, job["model"]) or self.cfg.sft_config
+        sft = read_yaml(profile)
+        sft.update(self.cfg.sft_overrides or {})
         n = priv.get("train_examples") or 1
-        epochs = hp.get("n_epochs", "auto")
-        epochs = default_epochs(n) if epochs in (None, "auto") else int(epochs)
-        batch = hp.get("batch_size", "auto")
-        batch = int(sft.get("per_device_train_batch_size", 8)) if batch in (None, "auto") else int(batch)
-        lrm = hp.get("learning_rate_multiplier", "auto")
-        lrm = 1.0 if lrm in (None, "auto") else float(lrm)
-        steps = math.ceil(n / batch / int(sft.get("gradient_accumulation_steps", 1))) * epochs
-        if self.cfg.max_steps:
-            steps = min(steps, self.cfg.max_steps)
+        hp = hyperparameters.resolve(job["method"]["supervised"]["hyperparameters"], n, job["model"])
+        plan = hyperparameters.plan(sft, hp, n, job["model"], self.cfg.max_steps)
+        steps = plan["max_steps"]
+        wandb_keys, env, events = wandb_settings(job, run_dir)
         sft.update(train_file=self.store.get_file(job["training_file"])[1],
                    valid_file=self.store.get_file(job["validation_file"])[1] if job["validation_file"] else None,
-                   output_dir=str(run_dir), max_steps=steps, num_train_epochs=epochs,
-                   per_device_train_batch_size=batch, learning_rate=float(sft.get("learning_rate", 1e-4)) * lrm,
-                   seed=job["seed"], report_to="none")
+                   output_dir=str(run_dir), seed=job["seed"], report_to="none",
+                   **{k: plan[k] for k in ("max_steps", "num_train_epochs", "per_device_train_batch_size",
+                                           "gradient_accumulation_steps", "learning_rate")})
+        sft.update(wandb_keys)
         if sft.get("valid_file") is None:
             sft.pop("valid_file")
             sft["eval_strategy"] = "no"
@@ -199,8 +195,10 @@ class Worker:
             sft["eval_steps"] = min(int(sft.get("eval_steps") or steps), steps)
         path = run_dir.parent / f"{job['id']}.yaml"
         path.write_text(yaml.safe_dump(sft, sort_keys=False))
-        resolved = {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": lrm}
-        return path, {"total_steps": steps, "hyperparameters": resolved}
+        plan_line = (f"Training {Path(str(sft.get('model_name_or_path', ''))).name} with {profile}: "
+                     + hyperparameters.describe(plan, hp, job["model"]))
+        return path, {"total_steps": steps, "hyperparameters": hp, "env": env,
+                      "events": [("info", plan_line), *events]}
 
     def run(self, job: dict) -> None:
         job_id = job["id"]
@@ -214,25 +212,27 @@ class Worker:
         if Path(str(yaml.safe_load(config.read_text()).get("model_name_or_path", ""))).exists():
             env.setdefault("HF_HUB_OFFLINE", "1")  # a local base never needs the hub; a hub id downloads
         env.pop(self.cfg.api_key_env, None)
+        env.update(info["env"])
         if self.cfg.omp_num_threads:
             env["OMP_NUM_THREADS"] = str(self.cfg.omp_num_threads)
         self.proc = subprocess.Popen(accelerate_command(config), cwd=ROOT, env=env, stdout=log_file, stderr=log_file,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log_file.close()
-        hp = {**job["method"]["supervised"]["hyperparameters"], **info["hyperparameters"]}
-        method = {"type": "supervised", "supervised": {"hyperparameters": hp}}
+        hp = info["hyperparameters"]
+        method = {"type": "supervised", "supervised": {"hyperparameters": dict(hp)}}
         with self.store.lock:  # a cancel that came while the process started wins
             if self.store.get_job(job_id)["status"] != "queued":
                 kill_group(self.proc.pid)
                 self.proc.wait()
                 return
-            self.store.update_job(job_id, status="running", hyperparameters=hp, method=method,
+            self.store.update_job(job_id, status="running", hyperparameters=hp, method=method, estimated_finish=None,
                                   private={"pid": self.proc.pid, "run_dir": str(run_dir), "attempts": attempts,
                                            "total_steps": info["total_steps"]})
         log.info("job %s: training started (pid %d, %d steps, attempt %d, log %s)", job_id, self.proc.pid,
                  info["total_steps"], attempts, run_dir.parent / f"{job_id}.log")
-        self.store.add_event(job_id, f"Fine-tuning job started ({info['total_steps']} steps"
-                             + (f", attempt {attempts}" if attempts > 1 else "") + ")")
+        self.store.add_event(job_id, "Fine-tuning job started" + (f" (attempt {attempts})" if attempts > 1 else ""))
+        for level, message in info["events"] if attempts == 1 else []:
+            self.store.add_event(job_id, message, level=level)
         seen = {"lines": 0}
         while True:
             rc = self.proc.poll()
@@ -262,7 +262,8 @@ class Worker:
         self.succeed(job, run_dir)
 
     def collect(self, job_id: str, run_dir: Path, total: int, seen: dict) -> None:
-        """New metrics.jsonl lines -> metrics events; new complete checkpoints -> checkpoint objects."""
+        """New metrics.jsonl lines -> metrics events (and ``estimated_finish`` from the steps per second so
+        far); new complete checkpoints -> checkpoint objects and their events."""
         path = run_dir / "metrics.jsonl"
         if path.exists():
             lines = [l for l in path.read_text().splitlines() if l.strip()]
@@ -282,20 +283,37 @@ class Worker:
                     self.store.add_event(job_id, metrics_message(data), type_="metrics", data=data)
                     reported[kind] = data["step"]
                     self.store.update_job(job_id, private={"reported": reported})
+                if data and kind == "train":
+                    self.estimate(job_id, data["step"], total, seen)
         job = self.store.get_job(job_id)
         for ckpt in sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
                            if re.fullmatch(r"checkpoint-\d+", p.name) else -1):
             if not (ckpt / "trainer_state.json").exists() or not re.fullmatch(r"checkpoint-\d+", ckpt.name):
                 continue
             step = int(ckpt.name.split("-")[1])
-            obj = {"object": "fine_tuning.job.checkpoint", "id": new_id("ftckpt-"), "created_at": int(time.time()),
-                   "fine_tuned_model_checkpoint": f"{model_name(job)}:ckpt-step-{step}", "step_number": step,
+            name = f"{model_name(job, self.cfg.organization)}:ckpt-step-{step}"
+            obj = {"object": "fine_tuning.job.checkpoint", "id": new_id("ftckpt_"), "created_at": int(time.time()),
+                   "fine_tuned_model_checkpoint": name, "step_number": step,
                    "fine_tuning_job_id": job_id, "metrics": step_metrics(run_dir, step)}
-            self.store.add_checkpoint(job_id, step, obj)
+            if self.store.add_checkpoint(job_id, step, obj):
+                self.store.add_event(job_id, f"Checkpoint created at step {step} with Snapshot ID: {name}")
+
+    def estimate(self, job_id: str, step: int, total: int, seen: dict) -> None:
+        """``estimated_finish``: now + the steps left at the rate since the first step this process logged."""
+        now = time.time()
+        if "first" not in seen:
+            seen["first"] = (now, step)
+            return
+        t0, s0 = seen["first"]
+        if step > s0 and now > t0 and total > step:
+            finish = now + (total - step) * (now - t0) / (step - s0)
+            with self.store.lock:
+                if self.store.get_job(job_id)["status"] == "running":
+                    self.store.update_job(job_id, estimated_finish=int(finish))
 
     def succeed(self, job: dict, run_dir: Path) -> None:
         job_id = job["id"]
-        name = model_name(job)
+        name = model_name(job, self.cfg.organization)
         csv_bytes = results_csv(run_dir)
         content = base64.b64encode(csv_bytes) if self.cfg.result_base64 else csv_bytes
         file_id = new_id("file-")
@@ -305,8 +323,7 @@ class Worker:
         self.store.add_file({"object": "file", "id": file_id, "purpose": "fine-tune-results",
                              "filename": "step_metrics.csv", "bytes": len(content), "created_at": int(time.time()),
                              "status": "processed"}, str(path))
-        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-        self.store.add_event(job_id, f"New fine-tuned model created: {name} (adapter in {run_dir})")
+        self.store.add_event(job_id, f"New fine-tuned model created: {name}")
         try:
             from ..registry import record_model
 
@@ -327,7 +344,7 @@ class Worker:
                 log.warning("job %s: the adapter was not loaded into vLLM at %s: %s", job_id, self.cfg.vllm_url, e)
                 self.store.add_event(job_id, f"The adapter was not loaded into vLLM: {e}", level="warn")
         self.store.update_job(job_id, status="succeeded", fine_tuned_model=name, finished_at=int(time.time()),
-                              result_files=[file_id], trained_tokens=whole(summary.get("train_tokens")),
+                              result_files=[file_id], trained_tokens=trained_tokens(run_dir),
                               estimated_finish=None)
         self.store.add_event(job_id, "The job has successfully completed")
-        log.info("job %s succeeded: %s", job_id, name)
+        log.info("job %s succeeded: %s (adapter in %s)", job_id, name, run_dir)

@@ -4,6 +4,7 @@
     tunekit jobs follow ftjob-abc123
     tunekit jobs results ftjob-abc123          # result CSV + loss/accuracy plot
     tunekit jobs list | status JOB | cancel JOB | checkpoints JOB
+    tunekit jobs migrate --dry-run              # OpenAI's jobs -> the local API (OpenAI ends them 6 Jan 2027)
     tunekit jobs create --config configs/banking77/openai.yaml --backend local \\
         --base-url http://127.0.0.1:8100/v1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import train.jobs
+from train.jobs import migrate
 from train.jobs.client import BACKENDS
 from train.jobs.create import OpenAIJobConfig, cmd_create
 from train.jobs.follow import cmd_follow
@@ -66,6 +67,11 @@ def parser() -> argparse.ArgumentParser:
     common(r)
     r.add_argument("--out", help="folder for results.csv and results.png (default runs/openai_jobs/JOB_ID)")
     r.set_defaults(fn=cmd_results)
+
+    m = sub.add_parser("migrate", help="re-create OpenAI fine-tuning jobs on the local fine-tuning API",
+                       description=migrate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    migrate.add_flags(m)
+    m.set_defaults(fn=migrate.cmd_migrate)
     return p
 
 

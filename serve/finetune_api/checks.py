@@ -1,0 +1,203 @@
+"""The checks of a POST /v1/fine_tuning/jobs body that need no server state, with OpenAI's rules and wording.
+
+The limits are CreateFineTuningJobRequest's in OpenAI's openapi.yaml: ``suffix`` "a string of up to 64
+characters" (minLength 1; here also only letters, digits, '.', '-' and '_', since it becomes a part of
+``ft:<model>:<organization>:<suffix>:<id>``), ``seed`` an integer from 0 to 2147483647, ``metadata``
+"16 key-value pairs ... keys ... maximum length of 64 characters ... values ... 512", ``integrations``
+at most 5 (the job object's maxItems) of ``{"type": "wandb", "wandb": {"project", "name", "entity",
+"tags"}}``, and the hyperparameters of FineTuneSupervisedHyperparameters (``n_epochs`` 1-50,
+``batch_size`` 1-256, ``learning_rate_multiplier`` > 0, each also "auto"). ``method.type`` is
+``supervised`` (``dpo`` and ``reinforcement`` are OpenAI's too, and refused here as unsupported).
+
+Each refusal is an ``APIError`` (400, ``invalid_request_error``) whose ``param`` names the field as the
+request spelled it (``method.supervised.hyperparameters.n_epochs``) and whose ``code`` and message
+follow OpenAI's request validation ("Invalid 'seed': integer below minimum value. Expected a value >= 0,
+but got -1 instead.", ``integer_below_min_value``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from pydantic import ValidationError
+
+from .errors import APIError
+from .models import FineTuningJobWandbIntegrationObject
+
+HYPERPARAMETERS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (0, None)}
+METHODS = ("supervised", "dpo", "reinforcement")
+SUFFIX = re.compile(r"[A-Za-z0-9._-]+")
+MAX_SEED, MAX_SUFFIX, MAX_METADATA, MAX_KEY, MAX_VALUE, MAX_INTEGRATIONS = 2**31 - 1, 64, 16, 64, 512, 5
+
+
+def kind(value) -> str:
+    """OpenAI's name for a JSON value's type ("got a string instead")."""
+    return {bool: "a boolean", int: "an integer", float: "a decimal", str: "a string", list: "an array",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def bad_type(param: str, expected: str, value) -> APIError:
+    return APIError(400, f"Invalid type for '{param}': expected {expected}, but got {kind(value)} instead.",
+                    param, "invalid_type")
+
+
+def missing(param: str) -> APIError:
+    return APIError(400, f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+
+
+def too_long(param: str, limit: int, length: int, what: str = "string") -> APIError:
+    return APIError(400, f"Invalid '{param}': {what} too long. Expected {'an array' if what == 'array' else 'a string'} "
+                    f"with maximum length {limit}, but got {'an array' if what == 'array' else 'a string'} with "
+                    f"length {length} instead.", param, f"{what}_above_max_length")
+
+
+def whole(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and float(value).is_integer()
+
+
+def check_integer(param: str, value, low: int, high: int | None, auto: bool = False) -> int:
+    expected = "one of 'auto' or an integer" if auto else "an integer"
+    if not whole(value):
+        raise bad_type(param, expected, value)
+    if value < low:
+        raise APIError(400, f"Invalid '{param}': integer below minimum value. Expected a value >= {low}, but got "
+                       f"{value:g} instead.", param, "integer_below_min_value")
+    if high is not None and value > high:
+        raise APIError(400, f"Invalid '{param}': integer above maximum value. Expected a value <= {high}, but got "
+                       f"{value:g} instead.", param, "integer_above_max_value")
+    return int(value)
+
+
+def hyperparameters(body: dict) -> dict:
+    """n_epochs, batch_size and learning_rate_multiplier: each "auto" or its number, from ``method`` or the
+    deprecated top-level ``hyperparameters`` (both may be given when they agree)."""
+    found = []
+    method = body.get("method")
+    if method is not None:
+        if not isinstance(method, dict):
+            raise bad_type("method", "an object", method)
+        if "type" not in method:
+            raise missing("method.type")
+        if method["type"] not in METHODS:
+            raise APIError(400, f"Invalid value: {method['type']!r}. Supported values are: 'supervised', 'dpo', and "
+                           "'reinforcement'.", "method.type", "invalid_value")
+        if method["type"] != "supervised":
+            raise APIError(400, f"Unsupported value: 'method.type' does not support {method['type']!r} on this "
+                           "server; only 'supervised' fine-tuning is available here.", "method.type",
+                           "unsupported_value")
+        supervised = method.get("supervised")
+        if supervised is not None and not isinstance(supervised, dict):
+            raise bad_type("method.supervised", "an object", supervised)
+        found.append(("method.supervised.hyperparameters", (supervised or {}).get("hyperparameters")))
+    found.append(("hyperparameters", body.get("hyperparameters")))
+    given = []
+    for prefix, hp in found:
+        if hp is None:
+            continue
+        if not isinstance(hp, dict):
+            raise bad_type(prefix, "an object", hp)
+        for key in hp:
+            if key not in HYPERPARAMETERS:
+                raise APIError(400, f"Unknown parameter: '{prefix}.{key}'.", f"{prefix}.{key}", "unknown_parameter")
+        if hp:
+            given.append({key: one_hyperparameter(f"{prefix}.{key}", key, hp.get(key, "auto"))
+                          for key in HYPERPARAMETERS})
+    if len(given) == 2 and given[0] != given[1]:
+        raise APIError(400, "Invalid 'hyperparameters': it disagrees with 'method.supervised.hyperparameters'; "
+                       "give only method (the top-level hyperparameters are deprecated).", "hyperparameters",
+                       "invalid_value")
+    return given[0] if given else {key: "auto" for key in HYPERPARAMETERS}
+
+
+def one_hyperparameter(param: str, key: str, value):
+    if value in ("auto", None):  # null: as if not given
+        return "auto"
+    low, high = HYPERPARAMETERS[key]
+    if key != "learning_rate_multiplier":
+        return check_integer(param, value, low, high, auto=True)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise bad_type(param, "one of 'auto' or a number", value)
+    if not math.isfinite(value):
+        raise APIError(400, f"Invalid value for '{param}': {value}; expected a finite number.", param, "invalid_value")
+    if value <= low:
+        raise APIError(400, f"Invalid '{param}': decimal below minimum value. Expected a value > {low}, but got "
+                       f"{value:g} instead.", param, "decimal_below_min_value")
+    return float(value)
+
+
+def suffix(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad_type("suffix", "a string", value)
+    if not value:
+        raise APIError(400, "Invalid 'suffix': string too short. Expected a string with minimum length 1, but got an "
+                       "empty string instead.", "suffix", "string_below_min_length")
+    if len(value) > MAX_SUFFIX:
+        raise too_long("suffix", MAX_SUFFIX, len(value))
+    if not SUFFIX.fullmatch(value):
+        raise APIError(400, f"Invalid 'suffix': {value!r}; use letters, digits, '.', '-' or '_' (it becomes a part "
+                       "of the model name ft:<model>:<organization>:<suffix>:<id>).", "suffix", "invalid_value")
+    return value
+
+
+def seed(value) -> int | None:
+    return None if value is None else check_integer("seed", value, 0, MAX_SEED)
+
+
+def metadata(value) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_type("metadata", "an object", value)
+    if len(value) > MAX_METADATA:
+        raise APIError(400, f"Invalid 'metadata': too many properties. Expected an object with at most {MAX_METADATA} "
+                       f"properties, but got an object with {len(value)} properties instead.", "metadata",
+                       "object_above_max_properties")
+    for key, item in value.items():
+        if len(key) > MAX_KEY:
+            raise too_long("metadata", MAX_KEY, len(key))
+        if not isinstance(item, str):
+            raise bad_type(f"metadata.{key}", "a string", item)
+        if len(item) > MAX_VALUE:
+            raise too_long(f"metadata.{key}", MAX_VALUE, len(item))
+    return value
+
+
+def integrations(value) -> list[dict] | None:
+    """OpenAI's integrations; one object (what some scripts pass) is taken as a list of one."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list):
+        raise bad_type("integrations", "an array", value)
+    if len(items) > MAX_INTEGRATIONS:
+        raise too_long("integrations", MAX_INTEGRATIONS, len(items), "array")
+    for i, item in enumerate(items):
+        where = f"integrations[{i}]"
+        if not isinstance(item, dict):
+            raise bad_type(where, "an object", item)
+        for key in ("type", "wandb"):
+            if key not in item:
+                raise missing(f"{where}.{key}")
+        if item["type"] != "wandb":
+            raise APIError(400, f"Invalid value: {item['type']!r}. Supported values are: 'wandb'.", f"{where}.type",
+                           "invalid_value")
+        wandb = item["wandb"]
+        if not isinstance(wandb, dict):
+            raise bad_type(f"{where}.wandb", "an object", wandb)
+        if not wandb.get("project"):
+            raise missing(f"{where}.wandb.project")
+        for key, expected in (("project", str), ("name", (str, type(None))), ("entity", (str, type(None)))):
+            if key in wandb and not isinstance(wandb[key], expected):
+                raise bad_type(f"{where}.wandb.{key}", "a string", wandb[key])
+        tags = wandb.get("tags")
+        if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+            raise bad_type(f"{where}.wandb.tags", "an array of strings", tags)
+        try:  # and the rest as OpenAI's job object types it
+            FineTuningJobWandbIntegrationObject.model_validate(item)
+        except ValidationError as e:
+            raise APIError(400, f"Invalid '{where}': {e.errors()[0]['msg']}", where, "invalid_value") from None
+    return items or None
