@@ -75,6 +75,7 @@ class Server:
         self.config.write_text(yaml.safe_dump({
             "port": self.port, "data_dir": str(self.data_dir), "sft_config": "configs/banking77/sft_cpu.yaml",
             "base_model": base_model, "max_steps": max_steps, "max_file_mb": max_file_mb, "max_attempts": 3,
+            "start_vllm": False,  # fine-tuning only: chat through the API has its own tests (test_finetune_api_chat)
             "sft_overrides": {"model_name_or_path": str(model), "max_length": 64, "num_threads": 1,
                               "logging_steps": 2, "save_steps": 4, "eval_steps": 4, "bf16": False,
                               "warmup_steps": 0, "learning_rate": 0.01, "lr_scheduler_type": "constant",

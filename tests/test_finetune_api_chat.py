@@ -59,11 +59,11 @@ class FakeVLLM:
             def log_message(self, *a):
                 pass
 
-            def reply(self, status, body, ctype="application/json", length=None):
+            def reply(self, status, body, ctype="application/json"):
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(length or len(data)))
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -173,10 +173,7 @@ def live(app):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
+    wait_for(lambda: server.started, 20, "started")
     yield f"http://127.0.0.1:{server.config.port}/v1"
     server.should_exit = True
     thread.join(10)
@@ -207,6 +204,13 @@ def add_job(app, root: Path, status="succeeded", steps=(2, 4), on_disk=(2,), nam
             "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}", "step_number": step,
             "fine_tuning_job_id": job_id, "metrics": {}})
     return {**job, "name": name, "run_dir": run_dir}
+
+
+def wait_for(condition, timeout: float = 10, what: str = "", every: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what or condition} after {timeout} s"
+        time.sleep(every)
 
 
 def assert_error(resp, status: int, code=None, message: str = "", type_="invalid_request_error") -> dict:
@@ -331,26 +335,28 @@ def test_request_and_upstream_errors_in_openai_envelope(app, client, fake, tmp_p
     assert not any(p == "/v1/load_lora_adapter" for _, p, *_ in fake.seen)
 
 
-def test_vllm_down_wrong_key_or_off_is_a_5xx_naming_the_fix(cfg, tmp_path):
+def test_vllm_down_wrong_key_off_or_not_started_is_a_5xx_naming_the_fix(cfg, fake, tmp_path):
     from fastapi.testclient import TestClient
 
+    from serve.finetune_api.cli import LocalVLLM
     from serve.finetune_api.proxy import Upstream
 
-    fake = FakeVLLM()
+    local = LocalVLLM(cfg, None)
+    local.start()  # it cannot: the base model folder does not exist
+    assert local.state == "failed" and not local.thread.is_alive()
     cases = [(Upstream(f"http://127.0.0.1:{free_port()}/v1", VKEY), 503, "python -m serve.vllm_server"),
-             (Upstream(fake.url, "wrong"), 502, "set TEST_VLLM_KEY"),
-             (Upstream(None), 503, "--no-start-vllm")]
-    try:
-        for i, (upstream, status, fix) in enumerate(cases):
-            cfg.data_dir = str(tmp_path / f"data{i}")
-            app = make_app(cfg, upstream)
-            with TestClient(app, headers=AUTH) as c:
-                resp = c.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": MESSAGES})
-                assert_error(resp, status, None, fix, "server_error")
-                assert c.get("/v1/models").status_code == 200  # listing needs no vLLM
-            app.state.store.close()
-    finally:
-        fake.close()
+             (Upstream(fake.url, "wrong"), 502, "set TEST_VLLM_KEY"), (Upstream(None), 503, "--no-start-vllm"),
+             (Upstream.of(cfg, local), 503, "could not start: server.model: ")]
+    for i, (upstream, status, fix) in enumerate(cases):
+        cfg.data_dir = str(tmp_path / f"data{i}")
+        app = make_app(cfg, upstream)
+        with TestClient(app, headers=AUTH) as c:
+            resp = c.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": MESSAGES})
+            assert_error(resp, status, None, fix, "server_error")
+            assert c.get("/v1/models").status_code == 200 and c.get("/v1/files").status_code == 200
+        app.state.store.close()
+    assert "restart the API" in local.unavailable()
+    local.stop()
 
 
 # ----------------------------------------------------------------------------- the vLLM server it starts
@@ -376,68 +382,40 @@ def test_settings_of_the_vllm_server_it_starts(cfg, tmp_path):
     assert (args.start_vllm, args.vllm_port, args.serve_config) == (False, 8123, "s.yaml")
 
 
-def test_vllm_that_cannot_start_leaves_fine_tuning_up_and_chat_503(cfg, tmp_path):
-    from fastapi.testclient import TestClient
-
-    from serve.finetune_api.cli import LocalVLLM
-    from serve.finetune_api.proxy import Upstream
-
-    local = LocalVLLM(cfg, None)  # the base model folder does not exist
-    local.start()
-    assert local.state == "failed" and not local.thread.is_alive()
-    app = make_app(cfg, Upstream.of(cfg, local))
-    with TestClient(app, headers=AUTH) as c:
-        resp = c.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": MESSAGES})
-        assert_error(resp, 503, None, "not found", "server_error")
-        assert "restart the API" in resp.json()["error"]["message"]
-        assert c.get("/v1/files").status_code == 200
-    app.state.store.close()
-    local.stop()
-
-
 def test_vllm_lifecycle_in_its_thread(cfg):
     """Ready: the worker's adapter loading targets it; exited: 503 again; stop(): stopped while starting too."""
     from types import SimpleNamespace
 
     from serve.finetune_api.cli import LocalVLLM
 
-    class Stub:
-        def __init__(self, start_s=0.0):
-            self.start_s, self.stops, self.code = start_s, 0, None
-            self.proc = SimpleNamespace(poll=lambda: self.code, returncode=None)
-            self.log_path = "vllm.log"
+    class Stub:  # VLLMServer as LocalVLLM uses it; ``start`` blocks until stopped when ``blocks``
+        code, stops, log_path = None, 0, "vllm.log"
+
+        def __init__(self, blocks=False):
+            self.blocks, self.proc = blocks, SimpleNamespace(poll=lambda: self.code, returncode=1)
 
         def start(self):
-            deadline = time.monotonic() + self.start_s
-            while time.monotonic() < deadline and not self.stops:
-                time.sleep(0.05)
-            if self.stops:
+            if self.blocks:
+                wait_for(lambda: self.stops, 30)
                 raise KeyboardInterrupt
 
         def stop(self):
             self.stops += 1
 
         def log_tail(self, n):
-            return "the end"
+            return ""
 
     local = LocalVLLM(cfg, None)
-    local.server = stub = Stub()
-    local.check = lambda: None
+    local.server, local.check = Stub(), lambda: None
     local.start()
-    deadline = time.monotonic() + 10
-    while local.state != "ready":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: local.state == "ready")
     assert cfg.vllm_url == local.url and local.unavailable() is None
-    stub.code = 1  # vLLM died
-    while local.state != "failed":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    local.server.code = 1  # vLLM died
+    wait_for(lambda: local.state == "failed")
     assert cfg.vllm_url is None and "exited with code" in local.unavailable()
     local.stop()
-
     slow = LocalVLLM(cfg, None)
-    slow.server, slow.check = Stub(start_s=30), lambda: None
+    slow.server, slow.check = Stub(blocks=True), lambda: None
     slow.start()
     assert "still starting" in slow.unavailable()
     t0 = time.monotonic()
@@ -469,14 +447,14 @@ class API:
         self.proc = subprocess.Popen([sys.executable, "-m", "serve.finetune_api", "--config", str(self.config)],
                                      cwd=ROOT, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]
+        def up():
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return self
+                return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200
             except httpx.TransportError:
-                time.sleep(0.3)
+                return False
+        wait_for(up, 60, "answering /health", every=0.3)
+        return self
 
     def stop(self) -> int | None:
         """SIGTERM to the API's process (only), as a service manager sends it."""
@@ -529,10 +507,7 @@ def test_the_api_starts_and_stops_its_own_vllm(tmp_path, openapi_validate):
     finally:
         rc = api.stop()
     assert rc == 0, api.log.read_text()[-3000:]
-    deadline = time.monotonic() + 60
-    while alive(served) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not alive(served), f"vLLM processes left after SIGTERM to the API: {alive(served)}"
+    wait_for(lambda: not alive(served), 60, "gone: the vLLM processes, after SIGTERM to the API", every=0.5)
     logs = api.log.read_text() + (tmp_path / "data" / "vllm.log").read_text()
     assert "vLLM ready" in logs and KEY not in logs
 
@@ -552,10 +527,9 @@ def test_one_base_url_for_fine_tuning_and_chat(vllm_server, tmp_path, openapi_va
         job = c.fine_tuning.jobs.create(training_file=f.id, model="smol-base", suffix="codes",
                                         method={"type": "supervised", "supervised": {"hyperparameters": {
                                             "n_epochs": 2, "batch_size": 8}}})
-        deadline = time.monotonic() + 600
-        while (job := c.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
-            assert time.monotonic() < deadline, f"job still {job.status}"
-            time.sleep(1)
+        wait_for(lambda: c.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed", "cancelled"), 600,
+                 "finished: the job", every=1)
+        job = c.fine_tuning.jobs.retrieve(job.id)
         assert job.status == "succeeded", job.error
         ckpt = c.fine_tuning.jobs.checkpoints.list(job.id).data[-1].fine_tuned_model_checkpoint
         names = [job.fine_tuned_model, ckpt]
@@ -569,8 +543,9 @@ def test_one_base_url_for_fine_tuning_and_chat(vllm_server, tmp_path, openapi_va
             resp = c.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=8,
                                                                temperature=0)
             openapi_validate(resp.http_response.json(), "CreateChatCompletionResponse")
-            reply = resp.parse()
-            assert reply.model == model and reply.choices[0].message.content
+            reply = resp.parse()  # (an early checkpoint may answer with nothing but its end token)
+            assert reply.model == model and reply.choices[0].finish_reason in ("stop", "length")
+            assert reply.choices[0].message.content or model != job.fine_tuned_model
         chunks = list(c.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=8,
                                                 temperature=0, stream=True))
         assert len(chunks) > 1 and {ch.model for ch in chunks} == {job.fine_tuned_model}

@@ -141,7 +141,7 @@ def file_id(client) -> str:
 HP = "method.supervised.hyperparameters"
 JOB_ERRORS = [  # (body changes, status, param, code, part of the message): OpenAI's codes and wording
     ({"model": "gpt-9"}, 400, "model", "model_not_available",
-     "Model gpt-9 is not available for fine-tuning or does not exist. This server fine-tunes tiny-llama as: "
+     "model 'gpt-9' is not available for fine-tuning or does not exist; this server fine-tunes tiny-llama as: "
      "gpt-4o-mini-2024-07-18, "),
     ({"model": "davinci-002"}, 400, "model", "model_not_available", "tiny-llama"),  # completion files: not here
     ({"model": None}, 400, "model", "missing_required_parameter", "Missing required parameter: 'model'."),
@@ -160,7 +160,8 @@ JOB_ERRORS = [  # (body changes, status, param, code, part of the message): Open
     ({"seed": True}, 400, "seed", "invalid_type", "but got a boolean instead"),
     ({"seed": -1}, 400, "seed", "integer_below_min_value",
      "Invalid 'seed': integer below minimum value. Expected a value >= 0, but got -1 instead."),
-    ({"seed": 2**31}, 400, "seed", "integer_above_max_value", "Expected a value <= 2147483647"),
+    ({"seed": 2**31}, 400, "seed", "integer_above_max_value",
+     "Expected a value <= 2147483647, but got 2147483648 instead."),
     ({"method": {"type": "dpo"}}, 400, "method.type", "unsupported_value", "only 'supervised'"),
     ({"method": {"type": "reinforcement"}}, 400, "method.type", "unsupported_value", "'reinforcement'"),
     ({"method": {"type": "magic"}}, 400, "method.type", "invalid_value", "Supported values are: 'supervised'"),

@@ -90,12 +90,13 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
         events = seen_before + seen_after
         assert any("step 16/16" in l and "train loss" in l for l in events), "".join(first) + "\n---\n" + again.stdout
         assert any("valid loss" in l for l in events)
-        assert f"succeeded: ft:tiny-llama:toy:{job_id}" in again.stdout
+        ft_name = f"ft:tiny-llama:personal:toy:{job_id.removeprefix('ftjob-')}"  # OpenAI's shape
+        assert f"succeeded: {ft_name}" in again.stdout
         assert "retrying" in again.stderr + err  # the polling loop met injected failures and went on
         assert {"500", "429", "drop"} <= set(proxy.injected)
 
         registry = json.loads((tmp_path / "registry.json").read_text())
-        assert registry["local"]["finetuned"]["model"] == f"ft:tiny-llama:toy:{job_id}"
+        assert registry["local"]["finetuned"]["model"] == ft_name
         assert registry["local"]["finetuned"]["job_id"] == job_id
 
         results = cli("results", job_id, "--jobs-dir", str(tmp_path / "jobs"), "--out", str(tmp_path / "res"),
@@ -164,8 +165,8 @@ def test_a_failed_job_shows_its_error(server, toy_files, tmp_path):  # noqa: F81
     env = {**cli_env(tmp_path), "TUNEKIT_API_KEY": KEY}
     proc = cli("follow", job.id, "--backend", "local", "--base-url", server.base_url, "--interval", "0.3",
                "--jobs-dir", str(tmp_path / "jobs"), cwd=tmp_path, env=env, timeout=120)
-    assert proc.returncode == 1 and "failed: invalid_training_file: training_file" in proc.stderr
-    assert "too_few_examples" in proc.stderr and "(param training_file)" in proc.stderr
+    assert proc.returncode == 1 and "failed: invalid_n_examples: Training file has 3 example(s)" in proc.stderr
+    assert "at least 10 examples" in proc.stderr and "(param training_file)" in proc.stderr
 
 
 def test_bad_config_key_and_missing_openai_key(tmp_path):

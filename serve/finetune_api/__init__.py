@@ -8,17 +8,18 @@ Any OpenAI client works against it with ``base_url="http://127.0.0.1:8100/v1"`` 
 the key below (OPENAI_API_KEY); nothing else in a fine-tuning script changes:
 
     client.files.create(file=open("train.jsonl", "rb"), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(training_file=..., validation_file=..., model="SmolLM2-135M-Instruct",
-                                         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}})
+    job = client.fine_tuning.jobs.create(training_file=..., validation_file=..., model="gpt-4o-mini-2024-07-18",
+                                         hyperparameters={"n_epochs": 3}, suffix="bank", seed=42)
     client.fine_tuning.jobs.retrieve(job.id); client.fine_tuning.jobs.list_events(job.id)
     client.chat.completions.create(model=job.fine_tuned_model, messages=[...], stream=True)
 
 Endpoints: /v1/files (upload, list, retrieve, content, delete), /v1/fine_tuning/jobs (create, list,
 retrieve, cancel, events, checkpoints), /v1/models (list, retrieve), /v1/chat/completions and
 /v1/completions (streaming too). Jobs run one at a time: validating_files -> queued -> running
--> succeeded | failed | cancelled, each as ``accelerate launch train/sft.py`` on a config derived from
-``sft_config`` and the job's hyperparameters (see serve/finetune_api/worker.py). A succeeded job's
-``fine_tuned_model`` is ``ft:<base>:...:<job id>``: the adapter is recorded in runs/registry.json (the
+-> succeeded | failed | cancelled, each as ``accelerate launch train/sft.py`` on the profile that
+``models:`` maps the requested OpenAI model to (``hyperparameters.py``: OpenAI's "auto" rules and what
+each value means locally). A succeeded job's ``fine_tuned_model`` has OpenAI's shape
+``ft:<model>:<organization>:<suffix>:<id>``: the adapter is recorded in runs/registry.json (the
 client's ``finetuned`` alias) and loaded into the vLLM server.
 State lives in SQLite under ``data_dir``: a restart loses no file or job, and a job that was running
 resumes from its last checkpoint.
@@ -39,7 +40,9 @@ their tracebacks; vLLM's own output goes to ``<data_dir>/vllm.log``.
 
 The package: ``config`` (the YAML keys and flags), ``cli`` (``main``, and ``LocalVLLM``: the vLLM server
 it starts), ``routes`` (the FastAPI app), ``middleware`` (key check, request log, error envelope),
-``models`` (request and response models), ``service`` (request checks and logic), ``store`` (SQLite),
+``models`` (request and response models), ``service`` (request logic), ``checks`` (request checks with
+OpenAI's codes), ``errors`` (``APIError``), ``hyperparameters`` (OpenAI's rules onto the local profile),
+``integrations`` (wandb), ``validation`` (training files, OpenAI's codes), ``store`` (SQLite),
 ``worker`` (the job queue and training processes), ``metrics`` (train/sft.py's output in OpenAI's
 shapes), ``proxy`` (the models and the forwarding of chat to vLLM).
 """

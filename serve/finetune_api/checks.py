@@ -63,10 +63,10 @@ def check_integer(param: str, value, low: int, high: int | None, auto: bool = Fa
         raise bad_type(param, expected, value)
     if value < low:
         raise APIError(400, f"Invalid '{param}': integer below minimum value. Expected a value >= {low}, but got "
-                       f"{value:g} instead.", param, "integer_below_min_value")
+                       f"{int(value)} instead.", param, "integer_below_min_value")
     if high is not None and value > high:
         raise APIError(400, f"Invalid '{param}': integer above maximum value. Expected a value <= {high}, but got "
-                       f"{value:g} instead.", param, "integer_above_max_value")
+                       f"{int(value)} instead.", param, "integer_above_max_value")
     return int(value)
 
 

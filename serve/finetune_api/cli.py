@@ -72,8 +72,11 @@ def vllm_settings(cfg: FinetuneAPIConfig):
     s.model, s.host, s.port, s.adapters = base_path, "127.0.0.1", cfg.vllm_port or free_port(), {}
     s.served_model_name = s.served_model_name or base_name
     s.api_key_env = cfg.vllm_api_key_env
-    sft = {**read_yaml(cfg.sft_config), **(cfg.sft_overrides or {})}
-    s.max_lora_rank = s.max_lora_rank or server_rank(int(sft.get("lora_r") or 16))
+    # every profile a job may train with (sft_config, the models: map's), and the largest LoRA rank among them
+    profiles = {cfg.sft_config, *(str(v) for v in (getattr(cfg, "models", None) or {}).values())}
+    ranks = [int({**read_yaml(p), **(cfg.sft_overrides or {})}.get("lora_r") or 16) for p in profiles
+             if Path(p).is_file()]
+    s.max_lora_rank = s.max_lora_rank or server_rank(max(ranks, default=16))
     return settings
 
 
@@ -95,8 +98,6 @@ class LocalVLLM:
 
     def check(self) -> str | None:
         """Why vLLM cannot start here (not installed, no model, port taken), checked before starting."""
-        import socket
-
         try:
             self.server.command()
         except UserError as e:

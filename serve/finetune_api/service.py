@@ -155,7 +155,7 @@ class Service:
             raise checks.missing("model")
         profile = profile_for(self.cfg, model)
         if profile is None:
-            raise APIError(400, f"Model {model} is not available for fine-tuning or does not exist. This server "
+            raise APIError(400, f"model {model!r} is not available for fine-tuning or does not exist; this server "
                            f"fine-tunes {self.base_name} as: {', '.join(base_names(self.cfg))}", param="model",
                            code="model_not_available")
         return (self.base_name if model == self.base_path else ALIASES.get(model, model)), profile
