@@ -826,3 +826,244 @@ def test_a_run_becomes_openai_events_checkpoints_and_results(app, client, file_i
     assert base64.b64decode(result).decode().splitlines() == [
         "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy", "2,2.0312,0.5,,", "4,1.5,0.6,1.25,0.7"]
     assert json.loads((tmp_path / "registry.json").read_text())["local"]["finetuned"]["model"] == name
+
+
+# ----------------------------------------------------------------------------- devices, slots, queue order
+
+
+def test_devices_resolve_from_the_gpus_found_the_config_and_vllm(cfg, tmp_path, monkeypatch, caplog):
+    import dataclasses
+    import subprocess
+    import types
+
+    import serve.finetune_api.slots as slots
+    from tunekit.errors import UserError
+
+    def devices(gpus=None, **changes):
+        return slots.resolve_devices(dataclasses.replace(cfg, **changes), gpus)
+
+    # auto: the CPU without a GPU; with GPUs, all but vLLM's (the first) when the API starts vLLM itself
+    assert devices([]) == ["cpu"] and devices([], start_vllm=False) == ["cpu"]
+    assert devices(["0", "1", "2"]) == ["1", "2"] and devices(["0"]) == ["0"]  # one GPU: shared, as before
+    assert devices(["0", "1"], start_vllm=False) == ["0", "1"]
+    assert devices(["0", "1"], vllm_url="http://127.0.0.1:8000/v1") == ["0", "1"]  # a vLLM elsewhere
+    serve = tmp_path / "serve.yaml"
+    serve.write_text("server:\n  tensor_parallel_size: 2\n")
+    assert devices(["0", "1", "2", "3"], serve_config=str(serve)) == ["2", "3"]
+    serve.write_text("server:\n  device: cpu\n")
+    assert devices(["0", "1"], serve_config=str(serve)) == ["0", "1"]
+    # the GPUs found: nvidia-smi -L, narrowed by the server's CUDA_VISIBLE_DEVICES (up to a hidden entry)
+    assert slots.visible_gpus({}, ["0", "1"]) == ["0", "1"] and slots.visible_gpus({}, []) == []
+    for visible, want in [("3,5", ["3", "5"]), ("", []), ("-1", []), ("1,-1,2", ["1"]), ("GPU-ab12", ["GPU-ab12"])]:
+        assert slots.visible_gpus({"CUDA_VISIBLE_DEVICES": visible}, ["0", "1", "2", "3", "4", "5"]) == want
+    assert devices(slots.visible_gpus({"CUDA_VISIBLE_DEVICES": "3,5"}, ["0", "1"])) == ["5"]  # vLLM gets 3
+    smi = "GPU 0: NVIDIA H200 (UUID: GPU-1)\n  MIG 1g.18gb Device 0: (UUID: MIG-2)\nGPU 1: NVIDIA H200 (UUID: GPU-3)\n"
+    monkeypatch.setattr(slots.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(slots.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=0, stdout=smi))
+    assert slots.nvidia_gpus() == ["0", "1"]
+    monkeypatch.setattr(slots.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(subprocess.TimeoutExpired("x", 1)))
+    assert slots.nvidia_gpus() == []
+    monkeypatch.setattr(slots.shutil, "which", lambda name: None)
+    assert slots.nvidia_gpus() == []
+    # an explicit list pins those GPUs (vLLM's too, with a warning); cpu is one slot of its own
+    with caplog.at_level(logging.WARNING, logger="serve.finetune_api.worker"):
+        assert devices(["0", "1"], devices=["0", "1"]) == ["0", "1"]
+    assert any("GPU 0, which the vLLM server" in r.getMessage() for r in caplog.records)
+    assert devices(["0", "1"], devices=[" 1 "]) == ["1"] and devices(["0"], devices=["CPU"]) == ["cpu"]
+    for bad, why in [([], "list GPUs"), ([""], "list GPUs"), (["cpu", "0"], "a slot of its own"),
+                     (["0", "0"], "names a GPU twice")]:
+        with pytest.raises(UserError, match=why):
+            devices([], devices=bad)
+    assert slots.running_limit(cfg, ["0", "1"]) == 2 and slots.running_limit(dataclasses.replace(cfg, max_running=3),
+                                                                            ["cpu"]) == 3
+    for bad in (0, -1, True):
+        with pytest.raises(UserError, match="max_running"):
+            slots.running_limit(dataclasses.replace(cfg, max_running=bad), ["0"])
+    with pytest.raises(UserError, match="queue_order: 'lifo'; use one of fifo, shortest_first"):
+        slots.check_order("lifo")
+    from serve.finetune_api import create_app
+
+    with pytest.raises(UserError, match="names a GPU twice"):  # at start-up, as the other config mistakes
+        create_app(dataclasses.replace(cfg, devices=["1", "1"]), KEY, run_worker=False)
+    assert create_app(cfg, KEY, run_worker=False).state.worker.slots.devices == ["cpu"]  # no GPU on this machine
+
+
+def queued_jobs(store, n: int) -> list[str]:
+    from serve.finetune_api.store import new_id
+
+    ids = []
+    for _ in range(n):
+        ids.append(new_id("ftjob-"))
+        store.add_job({"id": ids[-1], "status": "queued"}, {})
+    return ids
+
+
+def test_claims_are_atomic_balanced_and_capped(tmp_path):
+    import threading
+
+    from serve.finetune_api.slots import Slots
+    from serve.finetune_api.store import Store
+
+    store = Store(tmp_path / "state.db")
+    ids = queued_jobs(store, 20)
+    slots = Slots(["0", "1"], 100)
+    claimed, start = [], threading.Barrier(8)
+
+    def claimer():
+        start.wait()
+        while (got := slots.claim(store, "fifo", lambda job: 0)):
+            claimed.append(got)
+
+    threads = [threading.Thread(target=claimer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(j["id"] for j, _ in claimed) == sorted(ids)  # every job once, none twice
+    assert [d for _, d in claimed].count("0") == 10 and slots.jobs == {j["id"]: d for j, d in claimed}
+    for job, device in claimed:
+        assert store.get_private(job["id"]) == {"claimed_by": slots.token, "device": device}
+        assert store.get_job(job["id"])["status"] == "queued"  # until its process starts
+    # an earlier server's claim (a job requeued after a restart) is not this worker's: it is claimed again
+    again = Slots(["0"], 1)
+    assert again.claim(store, "fifo", lambda job: 0)[0]["id"] == ids[0] and again.free() is None
+
+    # max_running: at most that many at once; above the number of devices they share, the least busy first
+    store2 = Store(tmp_path / "two.db")
+    ids = queued_jobs(store2, 4)
+    one = Slots(["0", "1"], 1)
+    assert one.claim(store2, "fifo", lambda job: 0) == (store2.get_job(ids[0]), "0")
+    assert one.claim(store2, "fifo", lambda job: 0) is None
+    one.release(ids[0])
+    assert one.claim(store2, "fifo", lambda job: 0)[1] == "0"
+    store3 = Store(tmp_path / "three.db")
+    ids = queued_jobs(store3, 5)
+    three = Slots(["0", "1"], 3)
+    assert [three.claim(store3, "fifo", lambda job: 0)[1] for _ in range(3)] == ["0", "1", "0"]
+    assert three.claim(store3, "fifo", lambda job: 0) is None
+    three.release(ids[1])  # GPU 1's job ended: the next goes there
+    assert three.claim(store3, "fifo", lambda job: 0) == (store3.get_job(ids[3]), "1")
+
+
+def test_queue_order_fifo_or_shortest_first(app, client, file_id):
+    from serve.finetune_api.slots import next_job
+
+    jobs = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    steps = {"a": 9, "b": 3, "c": 3}
+    assert next_job(jobs, "fifo", lambda j: steps[j["id"]])["id"] == "a"
+    assert next_job(jobs, "shortest_first", lambda j: steps[j["id"]])["id"] == "b"  # ties: the older first
+    assert next_job([], "fifo", lambda j: 0) is None
+    # the worker's key: the steps its plan trains (12 examples, batch 1: 12 per epoch), less a checkpoint's
+    store, worker = app.state.store, app.state.worker
+    long_ = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id,
+                                                      "hyperparameters": {"n_epochs": 3, "batch_size": 1}}).json()
+    short = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id,
+                                                      "hyperparameters": {"n_epochs": 1, "batch_size": 1}}).json()
+    for job in (long_, short):
+        worker.validate(store.get_job(job["id"]))
+    assert [worker.steps(store.get_job(j["id"])) for j in (long_, short)] == [36, 12]
+    assert worker.slots.claim(store, "shortest_first", worker.steps)[0]["id"] == short["id"]
+    worker.slots.release(short["id"])
+    store.update_job(short["id"], private={"claimed_by": None})
+    assert worker.slots.claim(store, "fifo", worker.steps)[0]["id"] == long_["id"]
+    worker.slots.release(long_["id"])
+    store.update_job(long_["id"], private={"claimed_by": None})
+    run_dir = Path(app.state.service.data_dir) / "runs" / long_["id"]  # a resumed run: 30 of its 36 steps done
+    (run_dir / "checkpoint-30").mkdir(parents=True)
+    (run_dir / "checkpoint-30" / "trainer_state.json").write_text("{}")
+    store.update_job(long_["id"], private={"run_dir": str(run_dir)})
+    worker.steps_left.clear()
+    assert worker.steps(store.get_job(long_["id"])) == 6
+    assert worker.slots.claim(store, "shortest_first", worker.steps)[0]["id"] == long_["id"]
+
+
+# A stand-in for `accelerate launch train/sft.py`: records its environment, trains until runs/go exists.
+STAND_IN = """
+import json, os, pathlib, time
+run = pathlib.Path(os.environ["TUNEKIT_RUN_DIR"]); run.mkdir(parents=True, exist_ok=True)
+(run / "env.json").write_text(json.dumps({"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}))
+while not (run.parent / "go").exists():
+    time.sleep(0.05)
+"""
+
+
+def wait_for(predicate, timeout: float = 30):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def stand_in_worker(cfg, monkeypatch, tmp_path, **changes):
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    import serve.finetune_api.worker as worker_module
+    from serve.finetune_api import create_app
+
+    monkeypatch.setattr(worker_module, "accelerate_command", lambda config: [sys.executable, "-c", STAND_IN])
+    monkeypatch.setenv("TUNEKIT_REGISTRY", str(tmp_path / "registry.json"))
+    app = create_app(dataclasses.replace(cfg, **changes), KEY, run_worker=False)
+    client = TestClient(app, headers={"Authorization": f"Bearer {KEY}"})
+    file_id = upload(client).json()["id"]
+    return app, client, [new_job(app, client, file_id)["id"] for _ in range(3)]
+
+
+def test_a_job_per_gpu_at_once_each_pinned_to_its_own(cfg, monkeypatch, tmp_path, caplog):
+    from serve.finetune_api.worker import alive
+
+    app, client, ids = stand_in_worker(cfg, monkeypatch, tmp_path, devices=["0", "1"])
+    store, worker = app.state.store, app.state.worker
+    runs = Path(app.state.service.data_dir) / "runs"
+    status = lambda: [store.get_job(i)["status"] for i in ids]  # noqa: E731
+    env = lambda i: json.loads((runs / i / "env.json").read_text())  # noqa: E731
+    with caplog.at_level(logging.INFO, logger="serve.finetune_api.worker"):
+        worker.start()
+        try:
+            wait_for(lambda: status()[:2] == ["running", "running"] and all((runs / i / "env.json").exists()
+                                                                          for i in ids[:2]))
+            time.sleep(0.5)
+            assert status()[2] == "queued"  # two GPUs: two at once
+            assert {env(i)["cuda"] for i in ids[:2]} == {"0", "1"}
+            for i in ids[:2]:
+                assert store.get_private(i)["device"] == env(i)["cuda"]
+            freed = env(ids[0])["cuda"]
+            assert client.post(f"/v1/fine_tuning/jobs/{ids[0]}/cancel").json()["status"] == "cancelled"
+            wait_for(lambda: status()[2] == "running" and (runs / ids[2] / "env.json").exists())
+            assert env(ids[2])["cuda"] == freed and not alive(env(ids[0])["pid"])  # the cancelled GPU's turn
+            assert status()[1] == "running"
+            (runs / "go").touch()
+            wait_for(lambda: status() == ["cancelled", "succeeded", "succeeded"])
+        finally:
+            (runs / "go").touch()
+            worker.shutdown()
+    started = [r.getMessage() for r in caplog.records if "training started" in r.getMessage()]
+    assert sorted(m.split(" on ")[1].split(" (")[0] for m in started) == sorted(
+        f"GPU {env(i)['cuda']}" for i in ids)
+    assert any("up to 2 jobs at once on GPU 0, 1, queue order fifo" in r.getMessage() for r in caplog.records)
+    assert not worker.runners and not worker.procs and not worker.slots.jobs
+
+
+def test_max_running_on_the_cpu_and_shutdown_leaves_each_job_to_resume(cfg, monkeypatch, tmp_path):
+    import os
+
+    from serve.finetune_api.worker import Worker, alive
+
+    app, client, ids = stand_in_worker(cfg, monkeypatch, tmp_path, max_running=2)
+    store, worker = app.state.store, app.state.worker
+    runs = Path(app.state.service.data_dir) / "runs"
+    assert worker.slots.devices == ["cpu"]  # no GPU here
+    worker.start()
+    try:
+        wait_for(lambda: all((runs / i / "env.json").exists() for i in ids[:2]))
+        envs = [json.loads((runs / i / "env.json").read_text()) for i in ids[:2]]
+        assert [e["cuda"] for e in envs] == [os.environ.get("CUDA_VISIBLE_DEVICES")] * 2  # the server's, as before
+        assert [store.get_job(i)["status"] for i in ids] == ["running", "running", "queued"]
+    finally:
+        worker.shutdown()
+    assert not any(alive(e["pid"]) for e in envs)  # each stopped; each stays running, to resume
+    assert [store.get_job(i)["status"] for i in ids] == ["running", "running", "queued"]
+    Worker(store, worker.cfg, worker.data_dir).recover()
+    assert [store.get_job(i)["status"] for i in ids] == ["queued"] * 3
+    assert "queued again" in store.list_events(ids[1], None, 1)[0][0]["message"]

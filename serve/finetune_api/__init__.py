@@ -15,12 +15,13 @@ the key below (OPENAI_API_KEY); nothing else in a fine-tuning script changes:
 
 Endpoints: /v1/files (upload, list, retrieve, content, delete), /v1/fine_tuning/jobs (create, list,
 retrieve, cancel, events, checkpoints), /v1/models (list, retrieve), /v1/chat/completions and
-/v1/completions (streaming too). Jobs run one at a time: validating_files -> queued -> running
--> succeeded | failed | cancelled, each as ``accelerate launch train/sft.py`` on the profile that
-``models:`` maps the requested OpenAI model to (``hyperparameters.py``: OpenAI's "auto" rules and what
-each value means locally). A succeeded job's ``fine_tuned_model`` has OpenAI's shape
-``ft:<model>:<organization>:<suffix>:<id>``: the adapter is recorded in runs/registry.json (the
-client's ``finetuned`` alias) and loaded into the vLLM server.
+/v1/completions (streaming too). Jobs run one per device at once (``devices``: each GPU, pinned with
+CUDA_VISIBLE_DEVICES, less vLLM's; one on a CPU; ``max_running``, ``queue_order``: ``slots.py``):
+validating_files -> queued -> running -> succeeded | failed | cancelled, each as ``accelerate launch
+train/sft.py`` on the profile that ``models:`` maps the requested OpenAI model to
+(``hyperparameters.py``: OpenAI's "auto" rules and what each value means locally). A succeeded job's
+``fine_tuned_model`` has OpenAI's shape ``ft:<model>:<organization>:<suffix>:<id>``: the adapter is
+recorded in runs/registry.json (the client's ``finetuned`` alias) and loaded into the vLLM server.
 State lives in SQLite under ``data_dir``: a restart loses no file or job, and a job that was running
 resumes from its last checkpoint.
 
@@ -43,8 +44,8 @@ it starts), ``routes`` (the FastAPI app), ``middleware`` (key check, request log
 ``models`` (request and response models), ``service`` (request logic), ``checks`` (request checks with
 OpenAI's codes), ``errors`` (``APIError``), ``hyperparameters`` (OpenAI's rules onto the local profile),
 ``integrations`` (wandb), ``validation`` (training files, OpenAI's codes), ``store`` (SQLite),
-``worker`` (the job queue and training processes), ``metrics`` (train/sft.py's output in OpenAI's
-shapes), ``proxy`` (the models and the forwarding of chat to vLLM).
+``worker`` (the job queue and training processes), ``slots`` (its devices and queue order), ``metrics``
+(train/sft.py's output in OpenAI's shapes), ``proxy`` (the models and the forwarding of chat to vLLM).
 """
 
 from __future__ import annotations

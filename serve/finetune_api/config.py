@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tunekit.config import load_dotenv, opt, read_yaml  # noqa: F401 (load_dotenv: re-exported)
 from tunekit.errors import UserError
@@ -30,6 +31,13 @@ class FinetuneAPIConfig:
                                         "ft:<model>:<organization>:<suffix>:<id>")
     max_steps: int | None = opt(None, "cap on every job's training steps (CPU demos); unset: n_epochs decide")
     max_attempts: int = opt(3, "starts of a job (server restarts included) before it fails")
+    devices: list[str] | None = opt(None, "where jobs train, a job per device at once: GPUs as CUDA_VISIBLE_DEVICES "
+                                          "names them (0 1), or cpu (one job on the CPU); unset: every GPU found "
+                                          "(less the one the vLLM server started here uses, when there are more), "
+                                          "or the CPU without one")
+    max_running: int | None = opt(None, "most jobs training at once (unset: one per device; more share the devices)")
+    queue_order: Literal["fifo", "shortest_first"] = opt("fifo", "the queued job that starts next: fifo (in "
+                                                                 "creation order) or shortest_first (fewest steps)")
     max_file_mb: float = opt(512.0, "upload size limit in MB (413 above it)")
     result_base64: bool = opt(True, "result files base64-encoded, as OpenAI serves them")
     omp_num_threads: int | None = opt(1, "OMP_NUM_THREADS of the training process")

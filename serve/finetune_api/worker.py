@@ -1,4 +1,4 @@
-"""The job worker of the local fine-tuning API: one job at a time, train/sft.py as a subprocess.
+"""The job worker of the local fine-tuning API: a queue of jobs, each train/sft.py as a subprocess.
 
 A job goes validating_files -> queued -> running -> succeeded | failed | cancelled, with OpenAI's events
 on the way ("Validating training file: ...", "Files validated, moving job to queued state", "Fine-tuning
@@ -11,9 +11,18 @@ data_prep's, failures worded as OpenAI's (validation.py); then the hyperparamete
 A job that was running when the server stopped is started again (train/sft.py resumes from its last
 complete checkpoint), or failed with the reason after ``max_attempts`` starts.
 
-Logging (logger ``serve.finetune_api.worker``): each job's transitions at INFO, a failed job at
-WARNING, a training process that exits with an error at ERROR with the last lines of its log
-(``<data_dir>/runs/<job id>.log``, where its traceback is), and an internal error with its traceback.
+One thread validates jobs, one at a time, and starts queued ones: a job per device (``devices``: each
+GPU, pinned with CUDA_VISIBLE_DEVICES, or the CPU; up to ``max_running``), the next by ``queue_order``
+(slots.py), each watched by a thread of its own. A job is claimed under the store's lock (its private
+record names this worker and the device), so no two slots ever start the same job.
+
+Logging (logger ``serve.finetune_api.worker``): the devices at start, each job's transitions at INFO (its
+start names its device), a failed job at WARNING, a training process that exits with an error at ERROR
+with the last lines of its log (``<data_dir>/runs/<job id>.log``, where its traceback is), and an
+internal error with its traceback.
+
+(About 420 lines: a job's whole life, from validation to the adapter's hand-off, reads in one place;
+the rules it applies live in validation.py, hyperparameters.py, metrics.py and slots.py.)
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from .config import profile_for
 from .integrations import wandb_settings
 from .metrics import (last_checkpoint, metrics_data, metrics_message, model_name, results_csv, step_metrics,
                       trained_tokens)
+from .slots import CPU, Slots, check_order, resolve_devices, running_limit
 from .store import Store, new_id
 from .validation import file_error
 
@@ -79,18 +89,28 @@ class Worker:
         self.store, self.cfg, self.data_dir = store, cfg, data_dir
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, name="finetune-worker", daemon=True)
-        self.proc: subprocess.Popen | None = None
+        check_order(cfg.queue_order)  # a config mistake is a UserError at start-up, as the others are
+        devices = resolve_devices(cfg)
+        self.slots = Slots(devices, running_limit(cfg, devices))
+        self.runners: dict[str, threading.Thread] = {}  # job id -> the thread that trains it
+        self.procs: dict[str, subprocess.Popen] = {}  # job id -> its training process
+        self.steps_left: dict[str, int] = {}  # shortest_first's key, per queued job
+        self.finish_lock = threading.Lock()  # one registry write at a time
 
     # ----------------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        log.info("job worker: %s, queue order %s", self.slots.describe(), self.cfg.queue_order)
         self.recover()
         self.thread.start()
 
     def shutdown(self) -> None:
-        """Stop training for now; the job is started again (and resumes) when the server is."""
+        """Stop training for now; the jobs are started again (and resume) when the server is."""
         self.stop.set()
+        deadline = time.monotonic() + 30
         self.thread.join(timeout=30)
+        for runner in list(self.runners.values()):
+            runner.join(timeout=max(0.1, deadline - time.monotonic()))
 
     def recover(self) -> None:
         """Jobs a stopped server left ``running``: kill what is left of them, then requeue or fail them."""
@@ -100,8 +120,8 @@ class Worker:
             if pid and alive(pid) and ours(pid, priv.get("run_dir", "")):
                 kill_group(pid)
             attempts = priv.get("attempts", 1)
-            log.warning("job %s was running when the server stopped (attempt %s of %s)", job["id"], attempts,
-                        self.cfg.max_attempts)
+            log.warning("job %s was running on %s when the server stopped (attempt %s of %s)", job["id"],
+                        priv.get("device") or CPU, attempts, self.cfg.max_attempts)
             if attempts >= self.cfg.max_attempts:
                 self.fail(job["id"], "server_restart", f"the server stopped {attempts} times while this job was "
                           "running; create the job again")
@@ -119,15 +139,52 @@ class Worker:
                 if job:
                     self.validate(job)
                     continue
-                job = next(iter(self.store.jobs_with_status("queued")), None)
-                if job:
-                    self.run(job)
-                    continue
+                while not self.stop.is_set() and (claimed := self.slots.claim(self.store, self.cfg.queue_order,
+                                                                                 self.steps)):
+                    job = claimed[0]
+                    self.launch(*claimed)
             except Exception as e:  # a bug must not stop the queue: fail the job it happened in
                 log.exception("internal error in the job worker%s", f" (job {job['id']})" if job else "")
                 if job and self.store.get_job(job["id"])["status"] not in TERMINAL:
                     self.fail(job["id"], "server_error", f"internal error: {type(e).__name__}: {e}")
             self.stop.wait(0.3)
+
+    def launch(self, job: dict, device: str) -> None:
+        runner = threading.Thread(target=self.train, args=(job, device), name=f"finetune-job-{device}", daemon=True)
+        with self.store.lock:
+            self.runners[job["id"]] = runner
+        runner.start()
+
+    def train(self, job: dict, device: str) -> None:
+        """A slot's thread: ``run`` the job; an internal error fails it (its process stopped), as in ``loop``."""
+        try:
+            self.run(job, device)
+        except Exception as e:
+            log.exception("internal error in the job worker (job %s)", job["id"])
+            if self.store.get_job(job["id"])["status"] not in TERMINAL:
+                self.fail(job["id"], "server_error", f"internal error: {type(e).__name__}: {e}")
+        finally:
+            proc = self.procs.pop(job["id"], None)
+            if proc and proc.poll() is None:  # left by an error: it must not train on unwatched
+                kill_group(proc.pid)
+                proc.wait()
+            with self.store.lock:
+                self.slots.release(job["id"])
+                self.runners.pop(job["id"], None)
+                self.steps_left.pop(job["id"], None)  # requeued later (a restart): its steps are counted again
+
+    def steps(self, job: dict) -> int:
+        """The training steps a queued job has left (its plan, less a resumed run's checkpoint): shortest_first."""
+        if job["id"] not in self.steps_left:
+            try:
+                run_dir = self.store.get_private(job["id"]).get("run_dir")
+                ckpt = last_checkpoint(Path(run_dir)) if run_dir else None
+                done = int(ckpt.name.split("-")[1]) if ckpt else 0
+                self.steps_left[job["id"]] = max(0, self.plan(job)[3]["max_steps"] - done)
+            except Exception:  # noqa: BLE001 (its run fails it with the reason; here it goes first)
+                log.debug("job %s: no plan to order the queue by", job["id"], exc_info=True)
+                self.steps_left[job["id"]] = 0
+        return self.steps_left[job["id"]]
 
     # ----------------------------------------------------------------------------- steps
 
@@ -168,9 +225,8 @@ class Worker:
                  ", ".join(f"{k} {v:g}" for k, v in hp.items()))
         self.store.add_event(job["id"], "Files validated, moving job to queued state")
 
-    def job_config(self, job: dict, run_dir: Path) -> tuple[Path, dict]:
-        """The sft config of this job: its profile, the server's overrides, the job's hyperparameters (see
-        hyperparameters.py for what each means locally), its seed and its wandb integration."""
+    def plan(self, job: dict) -> tuple[str, dict, dict, dict]:
+        """(profile, its sft config with the server's overrides, resolved hyperparameters, hyperparameters.plan)."""
         from tunekit.config import read_yaml
 
         priv = self.store.get_private(job["id"])
@@ -179,7 +235,12 @@ class Worker:
         sft.update(self.cfg.sft_overrides or {})
         n = priv.get("train_examples") or 1
         hp = hyperparameters.resolve(job["method"]["supervised"]["hyperparameters"], n, job["model"])
-        plan = hyperparameters.plan(sft, hp, n, job["model"], self.cfg.max_steps)
+        return profile, sft, hp, hyperparameters.plan(sft, hp, n, job["model"], self.cfg.max_steps)
+
+    def job_config(self, job: dict, run_dir: Path) -> tuple[Path, dict]:
+        """The sft config of this job: its profile, the server's overrides, the job's hyperparameters (see
+        hyperparameters.py for what each means locally), its seed and its wandb integration."""
+        profile, sft, hp, plan = self.plan(job)
         steps = plan["max_steps"]
         wandb_keys, env, events = wandb_settings(job, run_dir)
         sft.update(train_file=self.store.get_file(job["training_file"])[1],
@@ -200,7 +261,9 @@ class Worker:
         return path, {"total_steps": steps, "hyperparameters": hp, "env": env,
                       "events": [("info", plan_line), *events]}
 
-    def run(self, job: dict) -> None:
+    def run(self, job: dict, device: str | None = None) -> None:
+        """Train a queued job on ``device`` (a GPU's CUDA_VISIBLE_DEVICES value; None or "cpu": the server's
+        environment) until it ends, is cancelled or the worker stops."""
         job_id = job["id"]
         run_dir = (self.data_dir / "runs" / job_id).resolve()
         run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -215,40 +278,49 @@ class Worker:
         env.update(info["env"])
         if self.cfg.omp_num_threads:
             env["OMP_NUM_THREADS"] = str(self.cfg.omp_num_threads)
-        self.proc = subprocess.Popen(accelerate_command(config), cwd=ROOT, env=env, stdout=log_file, stderr=log_file,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        device = device or CPU
+        if device != CPU:
+            env["CUDA_VISIBLE_DEVICES"] = device  # this GPU only, as cuda:0
+        proc = self.procs[job_id] = subprocess.Popen(accelerate_command(config), cwd=ROOT, env=env, stdout=log_file,
+                                                     stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True)
         log_file.close()
         hp = info["hyperparameters"]
         method = {"type": "supervised", "supervised": {"hyperparameters": dict(hp)}}
         with self.store.lock:  # a cancel that came while the process started wins
-            if self.store.get_job(job_id)["status"] != "queued":
-                kill_group(self.proc.pid)
-                self.proc.wait()
-                return
-            self.store.update_job(job_id, status="running", hyperparameters=hp, method=method, estimated_finish=None,
-                                  private={"pid": self.proc.pid, "run_dir": str(run_dir), "attempts": attempts,
-                                           "total_steps": info["total_steps"]})
-        log.info("job %s: training started (pid %d, %d steps, attempt %d, log %s)", job_id, self.proc.pid,
-                 info["total_steps"], attempts, run_dir.parent / f"{job_id}.log")
+            cancelled = self.store.get_job(job_id)["status"] != "queued"
+            if not cancelled:
+                self.store.update_job(job_id, status="running", hyperparameters=hp, method=method,
+                                      estimated_finish=None, private={"pid": proc.pid, "run_dir": str(run_dir),
+                                                                      "attempts": attempts, "device": device,
+                                                                      "total_steps": info["total_steps"]})
+        if cancelled:  # stopped outside the lock: the other jobs and the requests need not wait for it
+            kill_group(proc.pid)
+            proc.wait()
+            self.procs.pop(job_id, None)
+            return
+        log.info("job %s: training started on %s (pid %d, %d steps, attempt %d, log %s)", job_id,
+                 "the CPU" if device == CPU else f"GPU {device}", proc.pid, info["total_steps"], attempts,
+                 run_dir.parent / f"{job_id}.log")
         self.store.add_event(job_id, "Fine-tuning job started" + (f" (attempt {attempts})" if attempts > 1 else ""))
         for level, message in info["events"] if attempts == 1 else []:
             self.store.add_event(job_id, message, level=level)
         seen = {"lines": 0}
         while True:
-            rc = self.proc.poll()
+            rc = proc.poll()
             self.collect(job_id, run_dir, info["total_steps"], seen)
             if rc is not None:
                 break
             status = self.store.get_job(job_id)["status"]
             if status == "cancelled" or self.stop.is_set():
-                kill_group(self.proc.pid)
-                self.proc.wait()
+                kill_group(proc.pid)
+                proc.wait()
+                self.procs.pop(job_id, None)
                 if status == "cancelled":
                     log.info("job %s: cancelled; training process stopped", job_id)
                     self.store.add_event(job_id, "Training process stopped")
                 return  # on shutdown the job stays running; recover() requeues it at the next start
             time.sleep(0.5)
-        self.proc = None
+        self.procs.pop(job_id, None)
         if self.store.get_job(job_id)["status"] == "cancelled":
             return
         if rc != 0:
@@ -327,8 +399,9 @@ class Worker:
         try:
             from ..registry import record_model
 
-            record_model("local", "finetuned", name, job_id=job_id, run_dir=str(run_dir),
-                         suffix=job.get("user_provided_suffix"))
+            with self.finish_lock:  # two jobs that finish together: each write reads the other's
+                record_model("local", "finetuned", name, job_id=job_id, run_dir=str(run_dir),
+                             suffix=job.get("user_provided_suffix"))
         except Exception as e:  # the registry is a convenience; the job has succeeded
             log.warning("job %s: could not record %s in the registry", job_id, name, exc_info=True)
             self.store.add_event(job_id, f"Could not record the model in the registry: {e}", level="warn")
