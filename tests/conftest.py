@@ -33,6 +33,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def ctrl_c_able() -> None:
+    """``preexec_fn`` for a child a test sends Ctrl-C (SIGINT): a shell that started the tests in the
+    background (``cmd &``) leaves SIGINT ignored, a child inherits that, and Python then installs no
+    KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m ...` as a user would; returns the finished process (text output)."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, SMOL_TOY, chat_rows, free_port, write_jsonl
+from conftest import ROOT, SMOL_TOY, chat_rows, ctrl_c_able, free_port, write_jsonl
 
 
 # ---- scoring, on known answers --------------------------------------------------------------
@@ -129,7 +129,8 @@ def test_ctrl_c_keeps_answers_and_resume_sends_only_the_rest(vllm_server, toy_co
     write_jsonl(d / "many.jsonl", many)
     cfg = config(out=str(out), data=str(d / "many.jsonl"), concurrency=1, models=["finetuned"], baseline=False)
     proc = subprocess.Popen([sys.executable, "-m", "serve.compare", "--config", str(cfg)], cwd=ROOT,
-                            env=vllm_server.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=vllm_server.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_able)
     raw = out / "raw/finetuned.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not raw.exists() or len(raw.read_text().splitlines()) < 5):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, ctrl_c_able
 from test_finetune_api import KEY, FaultProxy, Server, ft_model_dir, toy_files  # noqa: F401 (fixtures)
 
 COMMANDS = ("create", "follow", "list", "status", "cancel", "checkpoints", "results")
@@ -70,7 +70,8 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
         # follow, detach with Ctrl-C after the first metrics line, follow again to the end
         follow = ["follow", job_id, "--jobs-dir", str(tmp_path / "jobs"), "--interval", "0.3", "--max-retries", "0"]
         proc = subprocess.Popen([sys.executable, "-m", "train.openai_ft", *follow], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=ctrl_c_able)
         first, deadline = [], time.time() + 120
         for line in proc.stdout:
             first.append(line)
