@@ -90,7 +90,7 @@ $(BROWSER):
 	$$(command -v sudo) apt-get update -qq && $$(command -v sudo) apt-get install -y -qq chromium
 
 test: $(STAMP) $(VSTAMP) $(MODEL)/config.json $(BROWSER)
-	@$(BIN)/python -m pytest -q; rc=$$?; \
+	@$(BIN)/python -m pytest -q --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
 
 # Does the README's GPU install (constraints + ".[gpu]") resolve on Python 3.12 and 3.13? pip dry runs, ~3 min.
