@@ -36,10 +36,10 @@ done
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/gpu-resolve.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 
-# What pip needs to build tunekit's metadata: pyproject.toml, the README it names, the packages.
+# What pip needs to build tunekit's metadata: pyproject.toml, the README it names, the packages (configs/ ships as tunekit.examples).
 mkdir "$tmp/src"
 (cd "$repo" && tar -c --exclude=build --exclude='*.egg-info' --exclude=__pycache__ \
-    pyproject.toml README.md requirements tunekit data_prep train serve) | tar -x -C "$tmp/src"
+    pyproject.toml README.md requirements tunekit data_prep train serve configs) | tar -x -C "$tmp/src"
 
 failed=0
 for v in $versions; do
