@@ -223,8 +223,10 @@ class VLLMServer:
         self.log_path = self.log_path or Path("runs/serve").resolve() / f"vllm-{s.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w", encoding="utf-8")
-        # its own process group (stopped as a whole), and SIGTERMed by the kernel if this process dies
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        # its own process group (stopped as a whole), under a guard that the kernel SIGTERMs if this
+        # process dies and that then ends the whole group (tunekit/guard.py: why vLLM alone is not enough)
+        guarded = [sys.executable, "-m", "tunekit.guard", "--", *cmd]
+        self.proc = subprocess.Popen(guarded, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, cwd=ROOT, preexec_fn=die_with_parent)
         # SIGTERM/SIGHUP to a program that holds this server (compare --start-server, ...) run its
         # cleanup like Ctrl-C does, unless that program handles them itself

@@ -125,7 +125,7 @@ def test_failures_are_counted_then_resume_finishes(vllm_server, toy_compare):
 def test_ctrl_c_keeps_answers_and_resume_sends_only_the_rest(vllm_server, toy_compare):
     d, config = toy_compare
     out = d / "interrupted"
-    many = chat_rows(SMOL_TOY) * 4
+    many = chat_rows(SMOL_TOY) * 2
     write_jsonl(d / "many.jsonl", many)
     cfg = config(out=str(out), data=str(d / "many.jsonl"), concurrency=1, models=["finetuned"], baseline=False)
     proc = subprocess.Popen([sys.executable, "-m", "serve.compare", "--config", str(cfg)], cwd=ROOT,
@@ -143,7 +143,7 @@ def test_ctrl_c_keeps_answers_and_resume_sends_only_the_rest(vllm_server, toy_co
     assert 5 <= kept < len(many)
     assert json.loads((out / "metrics.json").read_text())["complete"] is False
 
-    proc = run_compare(vllm_server, "--config", str(cfg), "--resume")
+    proc = run_compare(vllm_server, "--config", str(cfg), "--resume", "--concurrency", "8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(raw.read_text().splitlines()) == len(many)  # only the missing ones were sent
     fin = json.loads((out / "metrics.json").read_text())["models"][0]
