@@ -133,8 +133,10 @@ class RunningServer:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory, smol_adapter):
-    """Starts the CLI, waits for its ready line; at the end sends SIGTERM and checks nothing is left."""
+def vllm_server(tmp_path_factory, request):
+    """Starts the CLI with the base model, trains `smol_adapter` meanwhile (both take about a minute
+    on 2 cores), waits for the ready line, then adds the adapter as `finetuned` the way users add one
+    to a running server (`tunekit adapters add`). At the end: SIGTERM, and nothing may be left."""
     import signal
     import time
 
@@ -143,18 +145,24 @@ def vllm_server(tmp_path_factory, smol_adapter):
     d = tmp_path_factory.mktemp("serve")
     port = free_port()
     config = d / "serve.yaml"
-    config.write_text(yaml.safe_dump({
+    serve = {
         "backend": "local", "system": SMOL_SYSTEM,
         "sampling": {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": 0},
-        "server": {"model": str(SMOL), "served_model_name": "smol-base", "adapters": {"finetuned": str(smol_adapter)},
+        "server": {"model": str(SMOL), "served_model_name": "smol-base", "adapters": {},
                    "port": port, "max_model_len": 512, "startup_timeout_s": 600},
         "openai": {"base_model": "gpt-4o-mini-2024-07-18"},
-    }))
+    }
+    config.write_text(yaml.safe_dump(serve))
     log = d / "vllm.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TUNEKIT_API_KEY": SERVE_KEY}
     out = open(d / "cli.out", "w")
     proc = subprocess.Popen([sys.executable, "-m", "serve.vllm_server", "--config", str(config), "--quiet",
                              "--log", str(log)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        adapter = request.getfixturevalue("smol_adapter")
+    except BaseException:
+        proc.kill()
+        raise
     deadline = time.monotonic() + 660
     while "ready in" not in (d / "cli.out").read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -162,6 +170,11 @@ def vllm_server(tmp_path_factory, smol_adapter):
             pytest.fail("vLLM server did not start:\n" + (d / "cli.out").read_text()[-3000:]
                         + (log.read_text()[-3000:] if log.exists() else ""))
         time.sleep(1)
+    added = subprocess.run([sys.executable, "-m", "serve.adapters", "--config", str(config), "add", "finetuned",
+                            str(adapter)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stdout + added.stderr
+    serve["server"]["adapters"] = {"finetuned": str(adapter)}  # what the server now serves
+    config.write_text(yaml.safe_dump(serve))
     server = RunningServer(config, port, proc, log)
     server.output = (d / "cli.out").read_text()
     yield server
