@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from compare_fakes import FakeBackend, FakeCompletions, config
 from conftest import ROOT, write_jsonl
 
 # ---- the task table: every task scores a right and a wrong answer, and yields its headline ----
@@ -24,12 +23,6 @@ CASES = {
              '{"sentiment": "positive", "stars": 4}'),
     "text": ({}, "the card has not arrived yet", "The card has not arrived yet.", "completely unrelated words"),
 }
-
-
-def config(**keys):
-    from serve.compare import CompareConfig
-
-    return CompareConfig(data="unused.jsonl", **keys)
 
 
 def test_every_task_of_the_table_has_a_case():
@@ -67,6 +60,10 @@ def test_label_task_without_a_label_field_takes_the_whole_answer():
     assert row_score(cfg, "positive", " positive. ") == 1.0 and row_score(cfg, "positive", "negative") == 0.0
     m = TASKS["label"].metrics(cfg, ["a", "a", "b", "b"], ["a", "b", "b", None])
     assert m["accuracy"] == 0.5 and m["parsed"] == 0.75
+    by_field = config(task="label", label_field="category")
+    assert row_score(by_field, "no json", "no json either") == 0.0  # no label on either side is no match
+
+
 
 
 def test_json_task_scores_only_the_configured_fields():
@@ -75,6 +72,8 @@ def test_json_task_scores_only_the_configured_fields():
     cfg = config(task="json", json_fields=["sentiment"])
     assert row_score(cfg, '{"sentiment": "positive", "stars": 5}', '{"sentiment": "positive", "stars": 1}') == 1.0
     assert row_score(cfg, '{"sentiment": "positive"}', "not json") == 0.0
+    assert row_score(cfg, "[1, 2]", '{"sentiment": null}') == 1.0  # a reference that is no object: {}
+    assert row_score(config(task="json"), "[1, 2]", "[1, 2]") == 0.0  # an answer that is no object
 
 
 def test_config_check_names_the_tasks_of_the_table(tmp_path):
@@ -87,56 +86,6 @@ def test_config_check_names_the_tasks_of_the_table(tmp_path):
 
 
 # ---- the runner: concurrent requests, and resume sends only what is missing ------------------
-
-class FakeCompletions:
-    """chat.completions of an AsyncOpenAI: answers 'ANSWER <user text>', or fails for the ones in fail."""
-
-    def __init__(self, fail=()):
-        self.calls: list[tuple[str, str]] = []
-        self.fail = set(fail)
-
-    async def create(self, model, messages, **sampling):
-        import httpx
-        import openai
-
-        user = messages[-1]["content"]
-        self.calls.append((model, user))
-        await asyncio.sleep(0)
-        if user in self.fail:
-            raise openai.APITimeoutError(request=httpx.Request("POST", "http://fake/v1/chat/completions"))
-        content = "JUDGED 1" if user.startswith("Question:") else f"ANSWER {user}"
-        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content=content),
-                                                        finish_reason="stop")],
-                               usage=SimpleNamespace(prompt_tokens=7, completion_tokens=2))
-
-
-class FakeBackend:
-    """The parts of serve.client.Backend that serve.compare uses; one fake client shared by every call."""
-
-    name, base_url, api_key = "local", "http://fake/v1", None
-
-    def __init__(self, fail=(), served=("base", "finetuned")):
-        self.completions = FakeCompletions(fail)
-        self.served = served
-        self.settings = SimpleNamespace(server=SimpleNamespace(adapters={}, model="fake"))
-
-    def async_client(self, **kwargs):
-        async def close():
-            pass
-
-        return SimpleNamespace(chat=SimpleNamespace(completions=self.completions), close=close)
-
-    def client(self, **kwargs):
-        return SimpleNamespace(models=SimpleNamespace(list=lambda: [SimpleNamespace(id=m) for m in self.served]))
-
-    def sampling_kwargs(self, **overrides):
-        return {"temperature": 0.0, "max_tokens": overrides.get("max_tokens") or 8}
-
-    def resolve(self, alias):
-        return alias
-
-    def explain(self, exc, model=None):
-        return exc
 
 
 def examples(n):
@@ -199,83 +148,6 @@ def test_check_reachable_names_a_model_the_server_lacks():
     check_reachable(FakeBackend(), ["base", "finetuned"])
     with pytest.raises(UserError, match="model\\(s\\) nope not served by http://fake/v1; it serves base, finetuned"):
         check_reachable(FakeBackend(), ["base", "nope"])
-
-
-# ---- the report: its files from a small fake result set --------------------------------------
-
-def fake_run(task: str, cfg_keys: dict, refs: list[str], answers: dict[str, list]):
-    """summaries + metrics of a run whose records are given: alias -> one answer per example (None: failed)."""
-    from serve.compare import Example, summarise
-
-    cfg = config(task=task, **cfg_keys)
-    backend = FakeBackend()
-    exs = [Example(i, i + 1, [{"role": "user", "content": f"q{i}"}], r) for i, r in enumerate(refs)]
-    results = {}
-    for alias, ans in answers.items():
-        results[alias] = {i: {"idx": i, "answer": a, "error": None if a is not None else "timeout",
-                              "latency_s": 0.1 * (i + 1), "input_tokens": 5, "output_tokens": 2,
-                              "finish_reason": "stop", "t_start": 100.0 + i, "t_end": 100.5 + i, "model": alias}
-                          for i, a in enumerate(ans)}
-    summaries = [summarise(cfg, backend, a, a, exs, results[a]) for a in answers]
-    metrics = {"config": {}, "backend": "local", "examples": len(exs), "sampling": {"temperature": 0.0},
-               "elapsed_s": 1.0, "complete": False, "models": summaries}
-    return cfg, exs, results, metrics
-
-
-def test_report_writes_its_files_for_the_label_task_with_the_baseline(tmp_path):
-    from serve.compare import baseline_summary, write_outputs
-
-    refs = ['{"category": "a"}', '{"category": "b"}', '{"category": "a"}', '{"category": "b"}']
-    cfg, exs, results, metrics = fake_run("label", {"label_field": "category"}, refs, {
-        "base": ['{"category": "b"}', "no idea", None, '{"category": "b"}'],
-        "finetuned": ['{"category": "a"}', '{"category": "b"}', '{"category": "a"}', '{"category": "b"}']})
-    baseline = {"preds": ["a", "b", "b", "b"], "scores": [[.9, .1], [.2, .8], [.4, .6], [.1, .9]],
-                "classes": ["a", "b"], "fit_s": 0.01, "latency_s": 0.0001, "train_examples": 8}
-    metrics["models"].append(baseline_summary(cfg, exs, baseline))
-    plots = write_outputs(tmp_path, cfg, exs, results, baseline, metrics)
-
-    assert plots == ["metrics.png", "latency.png", "confusion_base.png", "confusion_finetuned.png",
-                     "confusion_tfidf-logreg.png"]
-    for png in plots:
-        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG" and (tmp_path / png).stat().st_size > 1000
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    by = {s["alias"]: s for s in m["models"]}
-    assert by["finetuned"]["accuracy"] == 1.0 and by["base"]["accuracy"] == 0.25 and by["base"]["parsed"] == 0.5
-    assert by["base"]["failed"] == {"timeout": 1} and by["tfidf-logreg"]["accuracy"] == 0.75
-    rows = list(csv.DictReader(open(tmp_path / "predictions.csv", encoding="utf-8")))
-    assert [r["finetuned_score"] for r in rows] == ["1.0"] * 4
-    assert [r["base_score"] for r in rows] == ["0.0", "0.0", "0.0", "1.0"] and rows[2]["base_error"] == "timeout"
-    assert [r["tfidf-logreg_score"] for r in rows] == ["1.0", "1.0", "0.0", "1.0"] and rows[0]["input"] == "q0"
-    report = (tmp_path / "report.md").read_text()
-    assert ("| model | accuracy | macro-F1 | precision | recall | parsed | ROC AUC | failed | p50 s | p95 s "
-            "| tokens in / out | cost USD |\n" + "|" + "---|" * 12) in report
-    assert "| finetuned (`finetuned`) | 1.000 | 1.000 |" in report
-    assert "| tfidf-logreg (`TF-IDF + logistic regression`) | 0.750 |" in report
-    assert '"base": {"timeout": 1}' in report and "![confusion_base.png](confusion_base.png)" in report
-
-
-@pytest.mark.parametrize("task, refs, answers, row", [
-    ("json", ['{"s": 1, "t": 2}', '{"s": 3, "t": 4}'], ['{"s": 1, "t": 2}', '{"s": 3, "t": 0}'],
-     "| model | 1.000 | 0.500 | s 1.00, t 0.50 | 0 |"),
-    ("text", ["the card has arrived", "it is lost"], ["the card has arrived", "no"], "| model | 0.500 | 0 |"),
-])
-def test_report_writes_its_files_for_the_other_tasks(tmp_path, task, refs, answers, row):
-    from serve.compare import TASKS, write_outputs
-
-    cfg, exs, results, metrics = fake_run(task, {}, refs, {"model": answers})
-    if task == "text":
-        metrics["judge"] = [{"judge": "j", "pair": ["model", "other"], "model": 2}]
-    plots = write_outputs(tmp_path, cfg, exs, results, None, metrics)
-    assert plots == ["metrics.png", "latency.png"]
-    assert json.loads((tmp_path / "metrics.json").read_text())["models"][0][TASKS[task].headline] == 0.5
-    report = (tmp_path / "report.md").read_text()
-    assert row in report and "Failed requests (counted as wrong, listed in predictions.csv): none." in report
-    header = [ln for ln in report.splitlines() if ln.startswith("| model |")][0]
-    assert header.count("|") == 2 + len(TASKS[task].columns) + 5
-    if task == "text":
-        assert "LLM judge `j` (both orders, a win needs both): model 2" in report
-    rows = list(csv.DictReader(open(tmp_path / "predictions.csv", encoding="utf-8")))
-    assert [float(r["model_score"]) for r in rows] == [1.0, 0.0]
 
 
 def test_console_lines_show_the_headline_and_the_task_extras():

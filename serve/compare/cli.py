@@ -16,10 +16,12 @@ from tunekit.errors import UserError
 from ..client import load_backend
 from .baseline import baseline_summary, train_baseline
 from .data import load_examples
+from .findings import delta_line, deltas
 from .report import console_lines, write_outputs
 from .runner import answered, check_reachable, judge, run_requests
+from .scoring import FORMAT_CHECKS
 from .summary import summarise
-from .tasks import TASKS
+from .tasks import TASKS, label_classes
 
 
 @dataclass
@@ -34,7 +36,7 @@ class CompareConfig:
     json_fields: list[str] = field(default_factory=list, metadata={
         "help": "json task: fields to score (default: the reference's)"})
     train_data: str | None = field(default=None, metadata={
-        "help": "chat JSONL the bag-of-words baseline learns from (label task)"})
+        "help": "chat JSONL the bag-of-words baseline learns from (label and json tasks)"})
     baseline: bool = field(default=True, metadata={"help": "score the TF-IDF baseline beside the models"})
     models: list[str] = field(default_factory=lambda: ["base", "finetuned"], metadata={
         "help": "aliases or model ids, space- or comma-separated"})
@@ -49,6 +51,15 @@ class CompareConfig:
         "help": "local cost: what an hour of the serving machine costs"})
     judge_model: str | None = field(default=None, metadata={
         "help": "text task: alias or id of the judge (same backend)"})
+    bootstrap: int = field(default=1000, metadata={
+        "help": "paired-bootstrap resamples for the CIs of the deltas against the base and the baseline (0: off)"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
+    logprobs: bool = field(default=False, metadata={
+        "help": "label task: ask for top-20 log-probabilities, for the language models' ROC AUC"})
+    examples: int = field(default=5, metadata={
+        "help": "report.md: up to N examples where the second model beats the first, and N the other way"})
+    format_check: str | None = field(default=None, metadata={
+        "help": f"text task: share of answers in a format ({' | '.join(FORMAT_CHECKS)})"})
     out: str = field(default="runs/compare", metadata={"help": "output folder"})
 
     def check(self, where: str) -> None:
@@ -65,6 +76,16 @@ class CompareConfig:
             problems.append("models: give at least one alias or model id")
         if self.concurrency < 1:
             problems.append(f"concurrency: {self.concurrency} must be at least 1")
+        if self.bootstrap < 0:
+            problems.append(f"bootstrap: {self.bootstrap} must be 0 (off) or more resamples")
+        if self.examples < 0:
+            problems.append(f"examples: {self.examples} must be 0 (no examples section) or more")
+        if self.logprobs and self.task != "label":
+            problems.append(f"logprobs: applies to the label task only (task is {self.task!r}); drop it")
+        if self.format_check is not None and self.format_check not in FORMAT_CHECKS:
+            problems.append(f"format_check: {self.format_check!r}; use one of {', '.join(FORMAT_CHECKS)}")
+        elif self.format_check is not None and self.task != "text":
+            problems.append(f"format_check: applies to the text task only (task is {self.task!r}); drop it")
         if problems:
             raise UserError(f"{where}: " + "; ".join(problems))
 
@@ -76,7 +97,8 @@ def parser() -> argparse.ArgumentParser:
     flags = add_dataclass_flags(p, CompareConfig, metavars={
         "data": "FILE.jsonl", "serve_config": "FILE.yaml", "train_data": "FILE.jsonl", "json_fields": "FIELD",
         "models": "MODEL", "limit": "N", "concurrency": "N", "max_retries": "N", "timeout_s": "S",
-        "max_tokens": "N", "gpu_hour_usd": "USD", "judge_model": "MODEL", "out": "DIR"})
+        "max_tokens": "N", "gpu_hour_usd": "USD", "judge_model": "MODEL", "out": "DIR", "bootstrap": "N",
+        "seed": "N", "examples": "N", "format_check": "CHECK"})
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/raw and send the rest")
     p.add_argument("--start-server", action="store_true",
                    help="local backend: start the vLLM server of the serve config for this run, stop it after")
@@ -124,6 +146,7 @@ def main(argv=None) -> int:
                             "python -m serve.adapters add NAME RUN_DIR")
         backend.settings.server.adapters.update(parse_adapters(args.adapter))
     examples = load_examples(cfg.data, cfg.limit)
+    classes = label_classes(cfg, examples) if cfg.task == "label" else None
     models = {alias: backend.resolve(alias) for alias in cfg.models}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +159,8 @@ def main(argv=None) -> int:
         check_reachable(backend, list(models.values()))
         t0 = time.perf_counter()
         try:
-            results = asyncio.run(run_requests(backend, cfg, models, examples, out, args.resume))
+            results = asyncio.run(run_requests(backend, cfg, models, examples, out, args.resume,
+                                               classes if cfg.logprobs else None))
         except KeyboardInterrupt:
             interrupted = True
             results = answered(out, models)
@@ -146,12 +170,14 @@ def main(argv=None) -> int:
             server.stop()
 
     baseline = train_baseline(cfg, examples)
-    summaries = [summarise(cfg, backend, alias, models[alias], examples, results[alias]) for alias in models]
+    summaries = [summarise(cfg, backend, alias, models[alias], examples, results[alias], classes)
+                 for alias in models]
     if baseline:
         summaries.append(baseline_summary(cfg, examples, baseline))
     metrics = {"config": asdict(cfg), "backend": backend.name, "examples": len(examples),
                "sampling": backend.sampling_kwargs(max_tokens=cfg.max_tokens), "elapsed_s": round(elapsed, 2),
-               "complete": not interrupted and all(s["answered"] == s["n"] for s in summaries), "models": summaries}
+               "complete": not interrupted and all(s["answered"] == s["n"] for s in summaries), "models": summaries,
+               "deltas": deltas(cfg, examples, results, baseline, summaries)}
     if task.judge and cfg.judge_model and len(models) >= 2 and not interrupted:
         answers = {a: {i: r.get("answer") for i, r in results[a].items()} for a in models}
         for ex in examples:
@@ -163,7 +189,9 @@ def main(argv=None) -> int:
 
     for line in console_lines(cfg, summaries):
         print(line)
-    print(f"report: {out / 'report.md'} (predictions.csv, metrics.json, plots)")
+    for d in metrics["deltas"]:
+        print(f"  {delta_line(d)}")
+    print(f"report: {out / 'report.md'} (predictions: {out / 'predictions.csv'}; metrics.json, plots)")
     if interrupted:
         print("interrupted: answers so far are kept; finish with the same command plus --resume", file=sys.stderr)
         return 130

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .baseline import BASELINE, baseline_score
+from .findings import delta_lines, example_lines
+from .scoring import FORMAT_MEANING
 from .tasks import TASKS, Column, fmt, row_score
 
 if TYPE_CHECKING:
@@ -28,18 +30,24 @@ COMMON_COLUMNS = (
 )
 
 
+def system_message(ex) -> str:
+    return next((str(m.get("content") or "") for m in ex.messages if m.get("role") == "system"), "")
+
+
 def write_predictions(path: Path, cfg, examples, results, baseline) -> None:
+    """One row per held-out example: its system message (empty if none), input (the last user message),
+    reference, then per model its answer, score, latency and error, then the baseline's answer and score."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        header = ["idx", "line", "input", "reference"]
+        header = ["idx", "line", "system", "input", "reference"]
         for alias in results:
             header += [f"{alias}_answer", f"{alias}_score", f"{alias}_latency_s", f"{alias}_error"]
         if baseline:
             header += [f"{BASELINE}_answer", f"{BASELINE}_score"]
         w.writerow(header)
         for ex in examples:
-            row = [ex.idx, ex.line, ex.text, ex.reference]
+            row = [ex.idx, ex.line, system_message(ex), ex.text, ex.reference]
             for alias, recs in results.items():
                 rec = recs.get(ex.idx, {"error": "not_sent"})
                 row += [rec.get("answer"), row_score(cfg, ex.reference, rec.get("answer")), rec.get("latency_s"),
@@ -114,9 +122,12 @@ def plot(out: Path, cfg: CompareConfig, summaries: list[dict]) -> list[str]:
     return files
 
 
-def write_report(out: Path, cfg: CompareConfig, metrics: dict, plots: list[str]) -> None:
+def write_report(out: Path, cfg: CompareConfig, metrics: dict, plots: list[str], examples=None,
+                 results: dict | None = None) -> None:
+    """report.md: the table, the deltas against the base and the baseline, and (given the examples and
+    results) the before/after examples."""
     task = TASKS[cfg.task]
-    columns = (*task.columns, *COMMON_COLUMNS)
+    columns = tuple(c for c in (*task.columns, *COMMON_COLUMNS) if c.shown(cfg))
     lines = [f"# Comparison: {Path(cfg.data).name}", "",
              f"{metrics['examples']} held-out examples from `{cfg.data}`, backend `{metrics['backend']}`, "
              f"task `{cfg.task}`, sampling {json.dumps(metrics['sampling'])}.", "",
@@ -124,12 +135,22 @@ def write_report(out: Path, cfg: CompareConfig, metrics: dict, plots: list[str])
     for s in metrics["models"]:
         model = f"{s['alias']} (`{s['model']}`)" if task.model_id_in_report else s["alias"]
         lines.append("| " + " | ".join([model, *(c.cell(s) for c in columns)]) + " |")
+    if cfg.task == "label":
+        lines += ["", "off-label: answers that parse but name none of the classes; they count as wrong."]
+        if cfg.logprobs:
+            lines += ["", "ROC AUC of the language models: from the first label token's top-20 log-probabilities "
+                      "(the mass on tokens that start each class name, normalised over the classes)."]
+    if cfg.format_check:
+        lines += ["", f"format ok (`{cfg.format_check}`): share of answers with {FORMAT_MEANING[cfg.format_check]}."]
     for j in metrics.get("judge", []):
         lines += ["", f"LLM judge `{j['judge']}` (both orders, a win needs both): "
                   + ", ".join(f"{k} {v}" for k, v in j.items() if k not in ("judge", "pair"))]
     failures = {s["alias"]: s["failed"] for s in metrics["models"] if s.get("failed")}
     lines += ["", "Failed requests (counted as wrong, listed in predictions.csv): "
               + (json.dumps(failures) if failures else "none") + "."]
+    lines += delta_lines(metrics)
+    if examples is not None and results:
+        lines += example_lines(cfg, examples, results)
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
@@ -140,7 +161,7 @@ def write_outputs(out: Path, cfg: CompareConfig, examples, results: dict, baseli
     write_predictions(out / "predictions.csv", cfg, examples, results, baseline)
     plots = plot(out, cfg, metrics["models"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    write_report(out, cfg, metrics, plots)
+    write_report(out, cfg, metrics, plots, examples, results)
     return plots
 
 

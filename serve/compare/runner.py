@@ -2,12 +2,16 @@
 
 ``out/raw/<model>.jsonl`` gets one line per finished request (keyed by the example's index), flushed
 as it arrives, so Ctrl-C keeps what was done; with ``resume`` the answered ones are not sent again
-(failed ones are). Also the pairwise LLM judge of the text task, and the early reachability check.
+(failed ones are). With ``logprobs`` (label task) each request also asks for the top-20
+log-probabilities of its tokens, and the record keeps the per-class scores made from them
+(``class_scores``, see logprobs.py), not the log-probabilities; a kept record without them is sent
+again. Also the pairwise LLM judge of the text task, and the early reachability check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import sys
@@ -64,9 +68,12 @@ def answered(out: Path, aliases) -> dict[str, dict[int, dict]]:
     return {alias: {i: r for i, r in RawStore(out, alias).load().items() if not r.get("error")} for alias in aliases}
 
 
-async def ask(client, sem: asyncio.Semaphore, model: str, ex: Example, sampling: dict) -> dict:
-    """One request; failures become a record with the reason (the SDK already retried)."""
+async def ask(client, sem: asyncio.Semaphore, model: str, ex: Example, sampling: dict, to_scores=None) -> dict:
+    """One request; failures become a record with the reason (the SDK already retried). ``to_scores``:
+    (the reply's tokens with their top log-probabilities) -> the record's ``class_scores``."""
     import openai
+
+    from .logprobs import reply_tokens
 
     async with sem:
         t0 = time.perf_counter()
@@ -77,6 +84,8 @@ async def ask(client, sem: asyncio.Semaphore, model: str, ex: Example, sampling:
             rec.update(answer=reply.choices[0].message.content or "", finish_reason=reply.choices[0].finish_reason,
                        input_tokens=reply.usage.prompt_tokens if reply.usage else None,
                        output_tokens=reply.usage.completion_tokens if reply.usage else None)
+            if to_scores is not None:
+                rec["class_scores"] = to_scores(reply_tokens(reply.choices[0]))
         except openai.APITimeoutError:
             rec["error"] = "timeout"
         except openai.APIConnectionError:
@@ -90,12 +99,19 @@ async def ask(client, sem: asyncio.Semaphore, model: str, ex: Example, sampling:
 
 
 async def run_requests(backend: Backend, cfg: CompareConfig, models: dict[str, str], examples: list[Example],
-                       out: Path, resume: bool) -> dict[str, dict[int, dict]]:
-    """alias -> example index -> record, for every (alias, example); with resume, sends only what is missing."""
+                       out: Path, resume: bool, classes: list[str] | None = None) -> dict[str, dict[int, dict]]:
+    """alias -> example index -> record, for every (alias, example); with resume, sends only what is missing.
+    ``classes`` (``logprobs``): ask for log-probabilities, and keep each answer's scores on these classes."""
     from tqdm import tqdm
 
     client = backend.async_client(max_retries=cfg.max_retries, timeout=cfg.timeout_s)
     sampling = backend.sampling_kwargs(max_tokens=cfg.max_tokens)
+    to_scores = None
+    if classes:
+        from .logprobs import TOP_LOGPROBS, class_scores
+
+        sampling.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        to_scores = functools.partial(class_scores, classes=classes, label_field=cfg.label_field)
     sem = asyncio.Semaphore(cfg.concurrency)
     results, tasks = {}, []
     for alias, model in models.items():
@@ -103,7 +119,8 @@ async def run_requests(backend: Backend, cfg: CompareConfig, models: dict[str, s
         done = store.load() if resume else {}
         if not resume and store.path.exists():
             store.path.unlink()
-        done = {i: r for i, r in done.items() if r.get("error") is None}  # failed requests are sent again
+        done = {i: r for i, r in done.items() if r.get("error") is None  # failed requests are sent again
+                and (to_scores is None or "class_scores" in r)}  # ... and those kept without class scores
         results[alias] = done
         for ex in examples:
             if ex.idx not in done:
@@ -113,7 +130,7 @@ async def run_requests(backend: Backend, cfg: CompareConfig, models: dict[str, s
     bar = tqdm(total=len(tasks), desc="requests", unit="req", file=sys.stderr)
 
     async def one(alias, model, store, ex):
-        rec = await ask(client, sem, model, ex, sampling)
+        rec = await ask(client, sem, model, ex, sampling, to_scores)
         rec["model"] = model
         store.append(rec)
         results[alias][ex.idx] = rec

@@ -1,4 +1,4 @@
-"""Scoring primitives: find JSON in an answer, extract a label, ROUGE-L, and label / JSON metrics."""
+"""Scoring primitives: find JSON in an answer, extract a label, ROUGE-L, label / JSON metrics, format checks."""
 
 from __future__ import annotations
 
@@ -35,6 +35,26 @@ def extract_label(text: str | None, label_field: str | None) -> str | None:
     return None
 
 
+def canonical_json(obj, fields: list[str] | None = None) -> str | None:
+    """An object as sorted-key JSON, restricted to ``fields`` when given; None for a non-object."""
+    if not isinstance(obj, dict):
+        return None
+    if fields:
+        obj = {f: obj[f] for f in fields if f in obj}
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False)
+
+
+# format_check: name -> the regex an answer must match somewhere, and what that means
+FORMAT_CHECKS = {"markdown_headings": re.compile(r"^#{1,6} \S", re.MULTILINE)}
+FORMAT_MEANING = {"markdown_headings": "at least one markdown heading line (`# ...` to `###### ...`)"}
+
+
+def format_ok(check: str, answers: list[str | None]) -> float:
+    """Share of answers (a failed request counts as not ok) that pass FORMAT_CHECKS[check]."""
+    pattern = FORMAT_CHECKS[check]
+    return round(sum(a is not None and bool(pattern.search(a)) for a in answers) / max(1, len(answers)), 4)
+
+
 def rouge_l(candidate: str, reference: str) -> float:
     """ROUGE-L F1 over lower-cased word tokens (longest common subsequence)."""
     a, b = re.findall(r"\w+", candidate.lower()), re.findall(r"\w+", reference.lower())
@@ -54,6 +74,9 @@ def rouge_l(candidate: str, reference: str) -> float:
 
 
 def label_metrics(refs: list[str], preds: list[str | None], scores=None, classes=None) -> dict:
+    """Accuracy, macro-F1, precision, recall, confusion matrix; ``parsed``: share of answers with a label;
+    ``off_label``: share whose label is none of ``classes`` (default: the references' labels), counted as
+    wrong; ``roc_auc`` (binary, or one-vs-rest) when ``scores`` (one row per answer, a column per class)."""
     import warnings
 
     from sklearn.exceptions import UndefinedMetricWarning
@@ -62,11 +85,13 @@ def label_metrics(refs: list[str], preds: list[str | None], scores=None, classes
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
     labels = sorted(set(refs))
+    known = set(classes or labels)
     shown = [p if p in labels else ("<unparsed>" if p is None else "<other>") for p in preds]
     extra = [x for x in ("<other>", "<unparsed>") if x in shown]
     p, r, f1, _ = precision_recall_fscore_support(refs, shown, labels=labels, average="macro", zero_division=0)
     out = {"n": len(refs), "accuracy": accuracy_score(refs, shown), "macro_f1": f1, "precision": p, "recall": r,
            "parsed": sum(x is not None for x in preds) / len(preds),
+           "off_label": sum(x is not None and x not in known for x in preds) / len(preds),
            "confusion": {"labels": labels + extra,
                          "matrix": confusion_matrix(refs, shown, labels=labels + extra).tolist()}}
     if scores is not None and classes is not None and len(labels) > 1:
@@ -85,13 +110,24 @@ def label_metrics(refs: list[str], preds: list[str | None], scores=None, classes
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def json_metrics(refs: list[str], answers: list[str | None], fields: list[str]) -> dict:
-    ref_objs = [parse_json(r) or {} for r in refs]
+def _json_objects(refs: list[str], answers: list[str | None], fields: list[str]):
+    ref_objs = [o if isinstance(o := parse_json(r), dict) else {} for r in refs]
     objs = [parse_json(a) if a is not None else None for a in answers]
-    fields = fields or sorted({k for o in ref_objs if isinstance(o, dict) for k in o})
+    fields = fields or sorted({k for o in ref_objs for k in o})
+    return ref_objs, objs, fields
+
+
+def json_exact(refs: list[str], answers: list[str | None], fields: list[str]) -> list[float]:
+    """Per answer: 1.0 when it is an object matching its reference on every scored field (exact_match's rows)."""
+    ref_objs, objs, fields = _json_objects(refs, answers, fields)
+    return [float(isinstance(o, dict) and all(o.get(f) == r.get(f) for f in fields)) for o, r in zip(objs, ref_objs)]
+
+
+def json_metrics(refs: list[str], answers: list[str | None], fields: list[str]) -> dict:
+    ref_objs, objs, fields = _json_objects(refs, answers, fields)
     valid = [isinstance(o, dict) for o in objs]
     per_field = {f: round(sum(isinstance(o, dict) and o.get(f) == r.get(f) for o, r in zip(objs, ref_objs))
                           / len(refs), 4) for f in fields}
-    exact = sum(isinstance(o, dict) and all(o.get(f) == r.get(f) for f in fields) for o, r in zip(objs, ref_objs))
+    exact = sum(json_exact(refs, answers, fields))
     return {"n": len(refs), "valid_json": round(sum(valid) / len(refs), 4), "field_accuracy": per_field,
             "exact_match": round(exact / len(refs), 4)}

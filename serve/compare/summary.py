@@ -39,7 +39,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summarise(cfg: CompareConfig, backend: Backend, alias: str, model: str, examples: list[Example],
-              recs: dict[int, dict]) -> dict:
+              recs: dict[int, dict], classes: list[str] | None = None) -> dict:
+    """``classes`` (label task): what counts as a class, and with ``logprobs`` the columns of ROC AUC's scores."""
     answers = [recs.get(ex.idx, {}).get("answer") for ex in examples]
     errors = Counter(recs[ex.idx]["error"] if ex.idx in recs else "not_sent" for ex in examples
                      if ex.idx not in recs or recs[ex.idx].get("error"))
@@ -62,5 +63,11 @@ def summarise(cfg: CompareConfig, backend: Backend, alias: str, model: str, exam
     else:
         summary["cost_usd"] = round(summary.get("wall_s", 0) * cfg.gpu_hour_usd / 3600, 6)
         summary["cost_basis"] = f"wall time x gpu_hour_usd {cfg.gpu_hour_usd}"
-    summary.update(TASKS[cfg.task].metrics(cfg, [ex.reference for ex in examples], answers))
+    scores = None
+    if cfg.logprobs and classes:
+        from .logprobs import score_matrix
+
+        scores = score_matrix([recs.get(ex.idx) for ex in examples], classes)
+    summary.update(TASKS[cfg.task].metrics(cfg, [ex.reference for ex in examples], answers, classes=classes,
+                                           scores=scores))
     return summary
