@@ -33,9 +33,16 @@ def base_venv(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
                     "-w", str(d / "dist")], check=True, capture_output=True, cwd=d, timeout=600)
     wheel = next((d / "dist").glob("tunekit_ft-*.whl"))
-    subprocess.run([sys.executable, "-m", "venv", str(d / "venv")], check=True, timeout=300)
-    proc = subprocess.run([str(d / "venv/bin/pip"), "install", "-q", "-c", str(ROOT / "requirements/constraints.txt"),
-                           str(wheel)], capture_output=True, text=True, cwd=d, timeout=900)
+    # through uv when it is there (make setup installs it, and `make` installs through it too): ~10 s, not ~80
+    uv = Path(sys.executable).parent / "uv"
+    if uv.is_file():
+        subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(d / "venv")], check=True, timeout=300)
+        installer = [str(uv), "pip", "install", "--python", str(d / "venv/bin/python")]
+    else:
+        subprocess.run([sys.executable, "-m", "venv", str(d / "venv")], check=True, timeout=300)
+        installer = [str(d / "venv/bin/pip"), "install"]
+    proc = subprocess.run([*installer, "-q", "-c", str(ROOT / "requirements/constraints.txt"), str(wheel)],
+                          capture_output=True, text=True, cwd=d, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return d / "venv"
 
