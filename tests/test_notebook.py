@@ -1,8 +1,8 @@
 """notebooks/colab_t4.ipynb, executed end to end on the CPU with a tiny profile.
 
 The notebook's `parameters` cell holds the T4 values; like papermill, the test inserts a cell after
-it with CPU values (SmolLM2-135M-Instruct from `make model`, 4 training steps on 200 card queries,
-the vLLM CPU server on a free port, 20 held-out queries) and runs every cell in a real kernel
+it with CPU values (SmolLM2-135M-Instruct from `make model`, 2 training steps on 200 card queries,
+the vLLM CPU server on a free port, 10 held-out queries) and runs every cell in a real kernel
 (nbclient). When a cell fails, the cells tagged `cleanup` still run, and the test then stops any
 process group the notebook recorded, so nothing outlives the test.
 """
@@ -79,16 +79,16 @@ def cpu_parameters(tmp: Path, server_port: int, ui_port: int) -> str:
         "TEST_DIR": str(tmp / "test"),
         "SFT_CONFIG": "configs/banking77/sft_cpu.yaml",
         "MODEL": str(SMOL),
-        "MAX_STEPS": 4,
+        "MAX_STEPS": 2,
         "ACCELERATE_ARGS": "--quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no",
-        # no evaluation pass: on 2 busy cores it costs more than the four training steps
-        "SFT_ARGS": "--per_device_train_batch_size 4 --max_length 128 --warmup_steps 0 --logging_steps 2 "
-                    "--save_steps 4 --eval_strategy no",
+        # no evaluation pass: on 2 busy cores it costs more than the two training steps
+        "SFT_ARGS": "--per_device_train_batch_size 4 --max_length 128 --warmup_steps 0 --logging_steps 1 "
+                    "--save_steps 2 --eval_strategy no",
         "RUN_DIR": str(tmp / "sft"),
         "SERVE_CONFIG": "configs/banking77/serve_cards.yaml",
         "COMPARE_CONFIG": "configs/banking77/compare_cards.yaml",
         "COMPARE_DIR": str(tmp / "compare"),
-        "LIMIT": 20,
+        "LIMIT": 10,
         "SERVER_PORT": server_port,
         "UI_PORT": ui_port,
         "WORK_DIR": str(tmp / "work"),
@@ -187,7 +187,7 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     by = {m["alias"]: m for m in metrics["models"]}
     assert {"base", "finetuned", "tfidf-logreg"} <= set(by)
     for alias in ("base", "finetuned"):
-        assert by[alias]["n"] == 20 and by[alias]["answered"] == 20 and not by[alias]["failed"], by[alias]
+        assert by[alias]["n"] == 10 and by[alias]["answered"] == 10 and not by[alias]["failed"], by[alias]
 
     # The outputs show what a user looks at: the server's ready line, the report table, the plots, the UI.
     text = {i: outputs_text(c) for i, c in enumerate(nb.cells) if c.cell_type == "code"}
