@@ -61,10 +61,13 @@ $(MODEL)/config.json: $(STAMP)
 # The whole workflow on banking77's card intents (why a slice: README), on the CPU, offline:
 # data -> LoRA training -> vLLM server with the adapter -> comparison of base, fine-tuned and a
 # TF-IDF baseline on the held-out test queries -> runs/demo/compare/report.md (tunekit/demo.py;
-# `tunekit demo --dry-run` prints its commands).
-DEMO_STEPS ?= 160
+# `tunekit demo --dry-run` prints its commands). `make demo USE_CASE=sensors` runs another use case
+# (app_reviews, assistant, banking77_json, imdb, sensors: `tunekit demo --use-case list`) into
+# runs/<use case>/; DEMO_STEPS overrides its training steps (default: its demo.yaml's, 160 here).
+USE_CASE   ?= banking77
+DEMO_STEPS ?=
 demo: $(STAMP) $(VSTAMP) $(MODEL)/config.json
-	$(BIN)/tunekit demo --steps $(DEMO_STEPS)
+	$(BIN)/tunekit demo --use-case $(USE_CASE)$(if $(DEMO_STEPS), --steps $(DEMO_STEPS))
 
 # The full 77-way banking77 task with the demo's CPU profile (~35 min on 2 cores): 320 steps, the
 # checkpoint half-way (160 steps) scored beside the final adapter -> runs/banking77/compare/report.md.

@@ -89,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
                                    "(valid_fraction for --valid-fraction); flags override the config.",
                        )
     b.add_argument("--config", default=None, help="YAML file whose keys mirror these flags")
-    flags = add_dataclass_flags(b, BuildConfig, metavars={"dropna": "COL", "fillna": "COL=VALUE", "sample": "N",
+    flags = add_dataclass_flags(b, BuildConfig, metavars={"derive": "COL=TEMPLATE", "dropna": "COL",
+                                                          "fillna": "COL=VALUE", "sample": "N",
                                                           "valid_fraction": "F", "stratify": "COL", "max_tokens": "N"})
     b.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bar")
     b.set_defaults(func=cmd_build, config_flags=flags)

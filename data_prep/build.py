@@ -5,6 +5,12 @@
         --system "You label app reviews." --user "{{ review_text }}" \\
         --assistant "{{ review_rating | lookup({'1':'negative','5':'positive'}, 'neutral') }}" \\
         --dropna review_text --sample 1000 --valid-fraction 0.3 --seed 42
+    python -m data_prep build --config configs/banking77_json/build.yaml   # derive + lookup_file
+
+``derive`` adds columns computed from each row (templates, in order, each seeing the ones before)
+that the other templates and ``stratify`` can use like the input's own, e.g. a main category looked
+up from the intent with ``lookup_file``; a row whose derived value fails is dropped as a
+``template_error`` with the reason.
 
 Writes ``OUT/train.jsonl`` and ``OUT/valid.jsonl`` (OpenAI's chat format) and ``OUT/report.json``,
 which accounts for every input row: ``rows_in == sum(rows_out) + sum(rows_dropped)``.
@@ -43,6 +49,9 @@ class BuildConfig:
     user: str | None = field(default=None, metadata={
         "help": "Jinja2 template for the user message over the row's columns, e.g. 'Review: {{ review_text }}'"})
     assistant: str | None = field(default=None, metadata={"help": "Jinja2 template for the assistant answer"})
+    derive: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "new columns from templates over each row, e.g. main_category=\"{{ category | "
+                "lookup_file('groups.yaml') }}\"; templates and stratify can use them"})
     dropna: list[str] = field(default_factory=list, metadata={"help": "drop rows where any of these columns is empty"})
     fillna: dict[str, str] = field(default_factory=dict, metadata={"help": "fill empty cells of a column"})
     keep: dict[str, list[str]] = field(default_factory=dict, metadata={
@@ -84,6 +93,12 @@ class BuildConfig:
             problems.append(f"unicode_form: {self.unicode_form!r}; use NFC, NFKC, NFD, NFKD or none")
         if not isinstance(self.dropna, list) or not isinstance(self.fillna, dict):
             problems.append("dropna must be a list of columns and fillna a mapping {column: value}")
+        if not isinstance(self.derive, dict) or not all(isinstance(v, str) and v for v in self.derive.values()):
+            problems.append("derive: expected a mapping {new column: template}, e.g. "
+                            "main_category: \"{{ category | lookup_file('groups.yaml') }}\"")
+        elif set(self.derive) & set(self.keep):
+            problems.append(f"keep: {', '.join(sorted(set(self.derive) & set(self.keep)))} is a derived column; "
+                            "keep filters the input's own columns (drop rows of a derived one with a lookup instead)")
         if problems:
             raise UserError("; ".join(problems))
 
@@ -158,18 +173,22 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
 
     env = make_env()
     templates, needed = {}, set()
+    derived: dict[str, object] = {}
+    for name, source in cfg.derive.items():
+        derived[name], cols = compile_template(env, source, f"derive.{name}")
+        needed.update(c for c in cols if c not in derived)
     for role in ("system", "user", "assistant"):
         source = getattr(cfg, role)
         if source:
             templates[role], cols = compile_template(env, source, role)
-            needed.update(cols)
+            needed.update(c for c in cols if c not in derived)
     conversation_mode = "user" not in templates
     if conversation_mode:
         if fmt != "jsonl":
             raise UserError("user/assistant: templates are required unless the input is a JSONL "
                             "of conversations ({\"messages\": [...]} per line)")
         needed.add("messages")
-    if cfg.stratify:
+    if cfg.stratify and cfg.stratify not in derived:
         needed.add(cfg.stratify)
     needed.update(cfg.keep)
     needed_cols = sorted(needed)
@@ -183,6 +202,10 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
                            cfg.encoding, cfg.delimiter, cfg.keep)
     if src.rows_in == 0:
         raise UserError(f"{path}: no data rows (only a header?)")
+    clash = sorted(set(derived) & set(src.columns))
+    if clash:
+        raise UserError(f"derive: {', '.join(clash)} is already a column of {path}; give the derived column "
+                        "another name")
     dropped = Counter(src.dropped)
     if src.sampled_out:
         dropped["not_sampled"] += src.sampled_out
@@ -214,6 +237,11 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
         try:
             # Cleaning applies to the data (cell values, conversation turns), never to the
             # templates' own text: a prompt may well say "<intent>" on purpose.
+            for name, template in derived.items():
+                try:
+                    values[name] = render(template, values).strip()
+                except RowError as e:
+                    raise RowError(f"derive.{name}: {e}") from None
             system_text = render(templates["system"], values).strip() if "system" in templates else None
             if conversation_mode:
                 messages = _messages_from_conversation(row, cfg, system_text)

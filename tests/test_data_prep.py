@@ -191,6 +191,50 @@ def test_lookup_filter_maps_values_and_counts_unmapped_rows(tmp_path):
     assert "'9' not in the lookup table" in report["drop_examples"]["template_error"][0]
 
 
+def test_derive_with_lookup_file_groups_values_and_stratifies_by_the_derived_column(tmp_path):
+    (tmp_path / "groups.yaml").write_text("fruit: [apple, pear]\nveg: [leek, kale]\n")
+    src = write_csv(tmp_path / "in.csv", ["text", "item"],
+                    [[f"t{i}", item] for i, item in enumerate(["apple", "pear", "leek", "kale"] * 5 + ["rock"])])
+    groups = str(tmp_path / "groups.yaml")
+    assert main(["build", "--input", str(src), "--out", str(tmp_path / "o"), "--user", "{{ text }}",
+                 "--derive", f"group={{{{ item | lookup_file('{groups}') }}}}", "shout={{ group | upper }}",
+                 "--assistant", "{{ shout }}/{{ item }}", "--stratify", "group", "--valid-fraction", "0.2",
+                 "-q"]) == 0
+    report = json.loads((tmp_path / "o/report.json").read_text())
+    assert report["rows_dropped"] == {"template_error": 1} and accounted(report)
+    assert report["drop_examples"]["template_error"][0].endswith(f"derive.group: value 'rock' not in {groups} "
+                                                                 "(4 values)")
+    assert report["labels"] == {"train": {"fruit": 8, "veg": 8}, "valid": {"fruit": 2, "veg": 2}}
+    answers = {e["messages"][-1]["content"] for e in read_jsonl(tmp_path / "o/train.jsonl")}
+    assert answers == {"FRUIT/apple", "FRUIT/pear", "VEG/leek", "VEG/kale"}
+    # value: result pairs and a default work too
+    (tmp_path / "pairs.yaml").write_text("apple: red\n")
+    assert main(["build", "--input", str(src), "--out", str(tmp_path / "p"), "--user", "{{ text }}",
+                 "--assistant", f"{{{{ item | lookup_file('{tmp_path / 'pairs.yaml'}', 'other') }}}}",
+                 "--valid-fraction", "0", "-q"]) == 0
+    assert Counter(e["messages"][-1]["content"] for e in read_jsonl(tmp_path / "p/train.jsonl")) == {
+        "red": 5, "other": 16}
+
+
+@pytest.mark.parametrize("mapping, args, message", [
+    ("a: [x, y]\nb: [y]\n", [], "'y' is listed under both 'a' and 'b'; list each value once"),
+    ("- x\n- y\n", [], "expected a mapping, value: result or result: [values, ...]"),
+    (None, [], "lookup_file: {dir}/missing.yaml not found (paths are relative to the working directory"),
+    ("a: [x]\n", ["--derive", "text={{ item }}"], "derive: text is already a column of"),
+])
+def test_lookup_file_and_derive_mistakes_are_one_line(mapping, args, message, tmp_path):
+    name = "missing.yaml" if mapping is None else "map.yaml"
+    if mapping is not None:
+        (tmp_path / name).write_text(mapping)
+    src = write_csv(tmp_path / "in.csv", ["text", "item"], [["t", "x"]] * 3)
+    proc = run_cli("-m", "data_prep", "build", "--input", str(src), "--out", str(tmp_path / "o"), "--user",
+                   "{{ text }}", "--assistant", f"{{{{ item | lookup_file('{tmp_path / name}') }}}}", *args,
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message.format(dir=tmp_path) in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_max_tokens_drops_long_examples_with_a_reason(tmp_path):
     src = write_csv(tmp_path / "in.csv", ["text", "label"], [["word " * n, "x"] for n in (5, 10, 400)])
     main(build_args(src, tmp_path / "o", "--max-tokens", "100", "--valid-fraction", "0"))

