@@ -39,12 +39,15 @@ def settings_for(config: Path, adapter_dir: Path, **server):
 @pytest.mark.slow
 def test_every_serve_config_and_its_fallbacks_parse_with_vllms_own_parser(adapter_dir):
     assert len(SERVE_CONFIGS) >= 3
-    cases = [(c.name, {}) for c in SERVE_CONFIGS]
-    cases += [("serve_t4.yaml", {"enforce_eager": True}), ("serve_t4.yaml", {"dtype": "float32"})]
-    commands = [VLLMServer(settings_for(ROOT / "configs/banking77" / name, adapter_dir, **kw)).command()[0]
-                for name, kw in cases]
+    assert len({c.parent.name for c in SERVE_CONFIGS}) >= 6  # every use case's, not only banking77's
+    t4_path = ROOT / "configs/banking77/serve_t4.yaml"
+    cases = [(c, {}) for c in SERVE_CONFIGS]
+    cases += [(t4_path, {"enforce_eager": True}), (t4_path, {"dtype": "float32"})]
+    commands = [VLLMServer(settings_for(path, adapter_dir, **kw)).command()[0] for path, kw in cases]
     engines = check_with_vllm(commands, str(CPU_VENV_PYTHON))
-    got = dict(zip([f"{n}{kw}" for n, kw in cases], engines))
+    got = dict(zip([f"{p.parent.name}/{p.name}{kw}" for p, kw in cases], engines))
+    got.update({k.removeprefix("banking77/"): v for k, v in got.items() if k.startswith("banking77/")})
+    assert all(v["enable_lora"] for v in got.values())
     t4 = got["serve_t4.yaml{}"]
     assert t4["model"] == "Qwen/Qwen2.5-1.5B-Instruct" and t4["dtype"] == "half" and t4["quantization"] is None
     assert t4["enable_lora"] and t4["max_lora_rank"] == 16 and t4["gpu_memory_utilization"] == 0.85
