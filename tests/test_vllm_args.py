@@ -46,14 +46,13 @@ def test_every_serve_config_and_its_fallbacks_parse_with_vllms_own_parser(adapte
     commands = [VLLMServer(settings_for(path, adapter_dir, **kw)).command()[0] for path, kw in cases]
     engines = check_with_vllm(commands, str(CPU_VENV_PYTHON))
     got = dict(zip([f"{p.parent.name}/{p.name}{kw}" for p, kw in cases], engines))
-    got.update({k.removeprefix("banking77/"): v for k, v in got.items() if k.startswith("banking77/")})
     assert all(v["enable_lora"] for v in got.values())
-    t4 = got["serve_t4.yaml{}"]
+    t4 = got["banking77/serve_t4.yaml{}"]
     assert t4["model"] == "Qwen/Qwen2.5-1.5B-Instruct" and t4["dtype"] == "half" and t4["quantization"] is None
     assert t4["enable_lora"] and t4["max_lora_rank"] == 16 and t4["gpu_memory_utilization"] == 0.85
-    assert not t4["enforce_eager"] and got["serve_t4.yaml{'enforce_eager': True}"]["enforce_eager"] is True
-    assert got["serve_t4.yaml{'dtype': 'float32'}"]["dtype"] == "float32"
-    assert got["serve_cards.yaml{}"]["block_size"] == 32  # the CPU server's block (README)
+    assert not t4["enforce_eager"] and got["banking77/serve_t4.yaml{'enforce_eager': True}"]["enforce_eager"] is True
+    assert got["banking77/serve_t4.yaml{'dtype': 'float32'}"]["dtype"] == "float32"
+    assert got["banking77/serve_cards.yaml{}"]["block_size"] == 32  # the CPU server's block (README)
 
 
 @pytest.mark.slow

@@ -67,6 +67,9 @@ class UseCase:
         "help": "other example folders it reads (copied too), e.g. [banking77] for its data"})
     chat_example: str = field(default="Hello!", metadata={"help": "the question the closing hint suggests"})
 
+    def out_dir(self, name: str) -> str:
+        return self.out or f"runs/{name}"
+
     def check(self, where: str) -> None:
         missing = [k for k in ("description", "build", "sft", "compare") if not getattr(self, k)]
         problems = [f"{k}: required" for k in missing]
@@ -160,7 +163,7 @@ def steps(train_steps: int, use_case: str = DEFAULT_USE_CASE, *, train_rows: int
     from tunekit.cli import accelerate_command
 
     case, py = load_use_case(use_case), sys.executable
-    out = case.out or f"runs/{use_case}"
+    out = case.out_dir(use_case)
     build = [py, "-m", "data_prep", "build", "--config", case.build]
     plan = [("build", [*build, "--out", f"{out}/data", *(train_slice(case.build, train_rows) if train_rows else [])])]
     if case.heldout == "valid":
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                   "`tunekit demo` again (finished steps are reused)", file=sys.stderr)
             return rc
         print(f"[{i}/{len(plan)}] {stage}: done in {time.monotonic() - t0:.0f} s", flush=True)
-    out = case.out or f"runs/{args.use_case}"
+    out = case.out_dir(args.use_case)
     if args.serve_config:
         chat = f"tunekit chat --config {args.serve_config} --model {name} {shlex.quote(case.chat_example)}"
     else:
