@@ -526,47 +526,6 @@ def test_sdk_survives_injected_500_429_and_dropped_connections(server, toy_files
 
 
 # ----------------------------------------------------------------------------- with the vLLM server
-
-
-@pytest.mark.slow
-def test_finished_job_is_served_by_vllm(vllm_server, tmp_path):
-    """A job on the demo's base model; its adapter is loaded into the running vLLM server and answers."""
-    from conftest import SMOL, SMOL_TOY, chat_rows, write_jsonl
-
-    s = Server(tmp_path, SMOL, base_model="smol-base", vllm_url=vllm_server.base_url,
-               vllm_api_key_env="TUNEKIT_VLLM_KEY",
-               sft={"num_threads": 2, "learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "save_steps": 10,
-                    "eval_steps": 10, "logging_steps": 5})
-    s.env["TUNEKIT_VLLM_KEY"] = vllm_server.api_key
-    s.start()
-    job = None
-    try:
-        c = s.client()
-        train = write_jsonl(tmp_path / "train.jsonl", chat_rows(SMOL_TOY) * 2)
-        f = c.files.create(file=open(train, "rb"), purpose="fine-tune")
-        job = c.fine_tuning.jobs.create(training_file=f.id, model="smol-base", suffix="codes", method={
-            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 8}}})
-        job = wait_status(c, job.id, ("succeeded", "failed"), timeout=400)
-        assert job.status == "succeeded", job.error
-        assert job.fine_tuned_model == f"ft:smol-base:personal:codes:{job.id.removeprefix('ftjob-')}"
-        messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
-        assert any(m.startswith("Adapter loaded into the vLLM server") for m in messages), messages
-
-        from openai import OpenAI
-
-        chat = OpenAI(base_url=vllm_server.base_url, api_key=vllm_server.api_key)
-        assert job.fine_tuned_model in [m.id for m in chat.models.list().data]
-        right = 0
-        for q, a in SMOL_TOY[:4]:
-            reply = chat.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=8, messages=[
-                {"role": "system", "content": "Answer with the code word."}, {"role": "user", "content": q}])
-            assert reply.model == job.fine_tuned_model
-            right += reply.choices[0].message.content.strip() == a
-        assert right >= 2
-    finally:
-        s.stop()
-        # the vLLM server is shared by the session: leave it serving what it started with
-        if job is not None and job.fine_tuned_model:
-            from serve.adapters import remove_adapter
-
-            remove_adapter(vllm_server.base_url, job.fine_tuned_model, vllm_server.api_key)
+#
+# test_finished_job_is_served_by_vllm (a job on the demo's base model, its adapter loaded into the running vLLM
+# server, answering there) is in test_finetune_api_chat.py: it shares its training run with the chat tests there.

@@ -429,7 +429,7 @@ def test_vllm_lifecycle_in_its_thread(cfg):
 class API:
     """``python -m serve.finetune_api`` as a user runs it, on a free port, training SmolLM2."""
 
-    def __init__(self, root: Path, **extra):
+    def __init__(self, root: Path, sft: dict | None = None, **extra):
         self.root, self.port = root, free_port()
         self.config, self.log = root / "finetune_api.yaml", root / "api.log"
         self.config.write_text(yaml.safe_dump({
@@ -438,7 +438,7 @@ class API:
             "sft_overrides": {"model_name_or_path": str(SMOL), "max_length": 64, "num_threads": 2, "logging_steps": 2,
                               "save_steps": 2, "eval_strategy": "no", "bf16": False, "warmup_steps": 0,
                               "learning_rate": 3e-3, "lr_scheduler_type": "constant", "lora_r": 8, "lora_alpha": 16,
-                              "plots": False}, **extra}))
+                              "plots": False, **(sft or {})}, **extra}))
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "TUNEKIT_API_KEY": KEY, "HF_HUB_OFFLINE": "1",
                     "TUNEKIT_REGISTRY": str(root / "registry.json")}
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -497,7 +497,7 @@ def test_the_api_starts_and_stops_its_own_vllm(tmp_path, openapi_validate):
             if resp.status_code != 503:
                 break
             assert "still starting" in resp.text and api.proc.poll() is None and time.monotonic() < deadline
-            time.sleep(3)
+            time.sleep(1)
         assert resp.status_code == 200, resp.text
         openapi_validate(resp.json(), "CreateChatCompletionResponse")
         assert resp.json()["model"] == "smol-base"
@@ -512,56 +512,91 @@ def test_the_api_starts_and_stops_its_own_vllm(tmp_path, openapi_validate):
     assert "vLLM ready" in logs and KEY not in logs
 
 
-def test_one_base_url_for_fine_tuning_and_chat(vllm_server, tmp_path, openapi_validate):
-    """A job on SmolLM2 through the API, then chat with its model and checkpoint through the same base URL."""
-    import openai
-
-    api = API(tmp_path, vllm_url=vllm_server.base_url, vllm_api_key_env="TUNEKIT_VLLM_KEY")
+@pytest.fixture(scope="module")
+def smol_job(vllm_server, tmp_path_factory):
+    """One job on SmolLM2 through the API, whose worker loads finished adapters into the session's vLLM server
+    (vllm_url): 32 examples, n_epochs 3, batch_size 8 (12 steps, checkpoints at 6 and 12). The two tests below
+    check it from both ends (vLLM itself; the API's one base URL): one training run (~1 min on 2 cores) for both.
+    Yields (api, job); at the end the API gets SIGTERM and vLLM is left serving what it started with."""
+    root = tmp_path_factory.mktemp("smol_job")
+    api = API(root, vllm_url=vllm_server.base_url, vllm_api_key_env="TUNEKIT_VLLM_KEY", max_steps=400,
+              sft={"save_steps": 6})
     api.env["TUNEKIT_VLLM_KEY"] = vllm_server.api_key
     api.start()
-    names = []
     try:
         c = api.client()
-        f = c.files.create(file=open(write_jsonl(tmp_path / "train.jsonl", chat_rows(SMOL_TOY)), "rb"),
-                           purpose="fine-tune")
-        job = c.fine_tuning.jobs.create(training_file=f.id, model="smol-base", suffix="codes",
-                                        method={"type": "supervised", "supervised": {"hyperparameters": {
-                                            "n_epochs": 2, "batch_size": 8}}})
+        train = write_jsonl(root / "train.jsonl", chat_rows(SMOL_TOY) * 2)
+        f = c.files.create(file=open(train, "rb"), purpose="fine-tune")
+        job = c.fine_tuning.jobs.create(training_file=f.id, model="smol-base", suffix="codes", method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 8}}})
         wait_for(lambda: c.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed", "cancelled"), 600,
                  "finished: the job", every=1)
-        job = c.fine_tuning.jobs.retrieve(job.id)
-        assert job.status == "succeeded", job.error
-        ckpt = c.fine_tuning.jobs.checkpoints.list(job.id).data[-1].fine_tuned_model_checkpoint
-        names = [job.fine_tuned_model, ckpt]
-
-        raw = httpx.get(api.base_url + "/models", headers=AUTH).json()
-        openapi_validate(raw, "ListModelsResponse")
-        listed = [m.id for m in c.models.list().data]
-        assert {"smol-base", job.fine_tuned_model, ckpt} <= set(listed), listed
-        messages = [{"role": "system", "content": SMOL_SYSTEM}, {"role": "user", "content": SMOL_TOY[0][0]}]
-        for model in (job.fine_tuned_model, ckpt, "smol-base"):
-            resp = c.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=8,
-                                                               temperature=0)
-            openapi_validate(resp.http_response.json(), "CreateChatCompletionResponse")
-            reply = resp.parse()  # (an early checkpoint may answer with nothing but its end token)
-            assert reply.model == model and reply.choices[0].finish_reason in ("stop", "length")
-            assert reply.choices[0].message.content or model != job.fine_tuned_model
-        chunks = list(c.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=8,
-                                                temperature=0, stream=True))
-        assert len(chunks) > 1 and {ch.model for ch in chunks} == {job.fine_tuned_model}
-        for ch in chunks:
-            openapi_validate(ch.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionStreamResponse")
-        with pytest.raises(openai.NotFoundError) as e:
-            c.chat.completions.create(model="ft:smol-base:nope:ftjob-nope", messages=messages, max_tokens=4)
-        openapi_validate(e.value.response.json(), "ErrorResponse")
-        assert e.value.response.json()["error"]["code"] == "model_not_found"
+        yield api, c.fine_tuning.jobs.retrieve(job.id)
     finally:
-        api.stop()
+        rc = api.stop()
         from serve.adapters import list_models, remove_adapter
 
         # the vLLM server is shared by the session: leave it serving what it started with
         loaded = {m["id"] for m in list_models(vllm_server.base_url, SERVE_KEY)}
-        for name in set(names) & loaded:
+        for name in sorted(n for n in loaded if n.startswith("ft:smol-base:personal:codes:")):
             remove_adapter(vllm_server.base_url, name, SERVE_KEY)
     logs = api.log.read_text()
+    assert rc == 0 and KEY not in logs and SERVE_KEY not in logs, logs[-3000:]
+
+
+@pytest.mark.slow
+def test_finished_job_is_served_by_vllm(smol_job, vllm_server):
+    """The job's adapter is loaded into the running vLLM server by the worker, and answers there."""
+    api, job = smol_job
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:smol-base:personal:codes:{job.id.removeprefix('ftjob-')}"
+    messages = [e.message for e in api.client().fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any(m.startswith("Adapter loaded into the vLLM server") for m in messages), messages
+
+    from openai import OpenAI
+
+    chat = OpenAI(base_url=vllm_server.base_url, api_key=vllm_server.api_key)
+    assert job.fine_tuned_model in [m.id for m in chat.models.list().data]
+    right = 0
+    for q, a in SMOL_TOY[:4]:
+        reply = chat.chat.completions.create(model=job.fine_tuned_model, temperature=0, max_tokens=8, messages=[
+            {"role": "system", "content": "Answer with the code word."}, {"role": "user", "content": q}])
+        assert reply.model == job.fine_tuned_model
+        right += reply.choices[0].message.content.strip() == a
+    assert right >= 2
+
+
+@pytest.mark.slow
+def test_one_base_url_for_fine_tuning_and_chat(smol_job, openapi_validate):
+    """The job through the API, then chat with its model and checkpoint through the same base URL."""
+    import openai
+
+    api, job = smol_job
+    c = api.client()
+    assert job.status == "succeeded", job.error
+    ckpt = c.fine_tuning.jobs.checkpoints.list(job.id).data[-1].fine_tuned_model_checkpoint
+    assert ckpt.endswith(":ckpt-step-6")  # the earlier of the two, both on disk (save_total_limit 2)
+
+    raw = httpx.get(api.base_url + "/models", headers=AUTH).json()
+    openapi_validate(raw, "ListModelsResponse")
+    listed = [m.id for m in c.models.list().data]
+    assert {"smol-base", job.fine_tuned_model, ckpt} <= set(listed), listed
+    messages = [{"role": "system", "content": SMOL_SYSTEM}, {"role": "user", "content": SMOL_TOY[0][0]}]
+    for model in (job.fine_tuned_model, ckpt, "smol-base"):
+        resp = c.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=8,
+                                                           temperature=0)
+        openapi_validate(resp.http_response.json(), "CreateChatCompletionResponse")
+        reply = resp.parse()  # (an early checkpoint may answer with nothing but its end token)
+        assert reply.model == model and reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.choices[0].message.content or model != job.fine_tuned_model
+    chunks = list(c.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=8,
+                                            temperature=0, stream=True))
+    assert len(chunks) > 1 and {ch.model for ch in chunks} == {job.fine_tuned_model}
+    for ch in chunks:
+        openapi_validate(ch.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionStreamResponse")
+    with pytest.raises(openai.NotFoundError) as e:
+        c.chat.completions.create(model="ft:smol-base:nope:ftjob-nope", messages=messages, max_tokens=4)
+    openapi_validate(e.value.response.json(), "ErrorResponse")
+    assert e.value.response.json()["error"]["code"] == "model_not_found"
+    logs = api.log.read_text()  # (and again after the API's SIGTERM, at the end of smol_job)
     assert KEY not in logs and SERVE_KEY not in logs

@@ -828,6 +828,38 @@ def test_a_run_becomes_openai_events_checkpoints_and_results(app, client, file_i
     assert json.loads((tmp_path / "registry.json").read_text())["local"]["finetuned"]["model"] == name
 
 
+def test_a_checkpoint_saved_while_the_metrics_are_read_comes_after_its_steps_metrics(app, client, file_id,
+                                                                                     monkeypatch, tmp_path):
+    """train/sft.py logs step 4, then saves checkpoint-4, while the worker's thread waits for the CPU between
+    reading metrics.jsonl and listing the checkpoints: the events keep OpenAI's order all the same."""
+    store, worker = app.state.store, app.state.worker
+    job = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id}).json()
+    worker.validate(store.get_job(job["id"]))
+    store.update_job(job["id"], status="running")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 2, "loss": 2.0, "mean_token_accuracy": 0.5, "num_tokens": 100}) + "\n")
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        text = real(self, *args, **kwargs)
+        if self == metrics and not (run_dir / "checkpoint-4").exists():  # the run goes on meanwhile
+            with metrics.open("a") as f:
+                f.write(json.dumps({"step": 4, "loss": 1.5, "mean_token_accuracy": 0.6, "num_tokens": 200}) + "\n")
+            (run_dir / "checkpoint-4").mkdir()
+            (run_dir / "checkpoint-4" / "trainer_state.json").write_text("{}")
+        return text
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    seen = {"lines": 0}
+    worker.collect(job["id"], run_dir, 12, seen)  # reads step 2; checkpoint-4 (and step 4) come meanwhile
+    worker.collect(job["id"], run_dir, 12, seen)
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    assert [e["message"].split(" with ")[0] for e in reversed(events) if e["message"].startswith(("Step", "Check"))] \
+        == ["Step 2/12: training loss=2.00", "Step 4/12: training loss=1.50", "Checkpoint created at step 4"]
+
+
 # ----------------------------------------------------------------------------- devices, slots, queue order
 
 

@@ -167,7 +167,9 @@ def test_the_model_folder_and_data_train_through_sft_py(gc, tmp_path, monkeypatc
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gc.make_conversations(700)))
     ours, stock = gc.train_configs(tmp_path / "train.jsonl", tmp_path / "m", tmp_path, 2, bnb=False)
     for cfg in (ours, stock):
-        cfg.update(fp16=False, use_cpu=True, per_device_train_batch_size=4, num_threads=2)
+        # one thread: the child imports torch before train/sft.py can ask for OMP_WAIT_POLICY=PASSIVE, and two
+        # spinning OpenMP threads on 2 cores crawl as soon as anything else runs (2 steps: 27 s, against 3 s)
+        cfg.update(fp16=False, use_cpu=True, per_device_train_batch_size=4, num_threads=1)
     monkeypatch.setattr(gc, "CHILD", CUDA_STUBS + gc.CHILD)
     for name, cfg in (("ours", ours), ("stock", stock)):
         r = gc.run_sft(name, cfg, tmp_path, tmp_path, 15.0, timeout=600)

@@ -147,6 +147,9 @@ def test_migrate_recreates_the_jobs_and_a_second_run_creates_nothing(servers, to
         record = json.loads((tmp_path / "jobs" / f"{job.id}.json").read_text())
         assert record["backend"] == "local" and record["base_url"] == target.base_url
         assert record["migrated_from"]["job_id"] == old_id
+    # Only a's copy is followed to the end below; b's was created first (newest first) and would train first,
+    # one job at a time: cancelled, a's trains at once (a training run is ~25 s of imports on this machine).
+    assert dst.fine_tuning.jobs.cancel(new[b.id].id).status == "cancelled"
     assert new[a.id].seed == 7 and new[a.id].user_provided_suffix == "alpha"
     assert hyperparameters_of(old[a.id]) == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
     assert len(dst.files.list().data) == 2  # valid.jsonl is a's validation file and b's training file: one upload

@@ -67,6 +67,17 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
         assert record["backend"] == "local" and record["request"]["method"]["supervised"]["hyperparameters"] == \
             {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}
 
+        # the same files again: reused by content hash, not uploaded twice. Done while the first job trains: the
+        # second waits behind it (one job at a time) and is cancelled before it would start a training process.
+        second = cli("create", "--config", str(job_config(tmp_path, toy_files, base_url, n_epochs=1)), cwd=tmp_path,
+                     env=env)
+        assert second.returncode == 0 and second.stdout.count("reusing ") == 2, second.stdout + second.stderr
+        job2 = second.stdout.split("created ", 1)[1].split()[0]
+        cancel = cli("cancel", job2, "--jobs-dir", str(tmp_path / "jobs"), cwd=tmp_path, env=env)
+        assert cancel.returncode == 0 and "cancelled" in cancel.stdout
+        again = cli("cancel", job2, "--jobs-dir", str(tmp_path / "jobs"), cwd=tmp_path, env=env)
+        assert again.returncode == 2 and "cannot be cancelled" in again.stderr and "Traceback" not in again.stderr
+
         # follow, detach with Ctrl-C after the first metrics line, follow again to the end
         follow = ["follow", job_id, "--jobs-dir", str(tmp_path / "jobs"), "--interval", "0.3", "--max-retries", "0"]
         proc = subprocess.Popen([sys.executable, "-m", "train.openai_ft", *follow], cwd=tmp_path, env=env,
@@ -115,15 +126,6 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
         listed = cli("list", "--backend", "local", "--base-url", base_url, cwd=tmp_path, env=env)
         assert listed.returncode == 0 and job_id in listed.stdout
 
-        # the same files again: reused by content hash, not uploaded twice
-        second = cli("create", "--config", str(job_config(tmp_path, toy_files, base_url, n_epochs=1)), cwd=tmp_path,
-                     env=env)
-        assert second.returncode == 0 and second.stdout.count("reusing ") == 2, second.stdout + second.stderr
-        job2 = second.stdout.split("created ", 1)[1].split()[0]
-        cancel = cli("cancel", job2, "--jobs-dir", str(tmp_path / "jobs"), cwd=tmp_path, env=env)
-        assert cancel.returncode == 0 and "cancelled" in cancel.stdout
-        again = cli("cancel", job2, "--jobs-dir", str(tmp_path / "jobs"), cwd=tmp_path, env=env)
-        assert again.returncode == 2 and "cannot be cancelled" in again.stderr and "Traceback" not in again.stderr
     finally:
         proxy.close()
 

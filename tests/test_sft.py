@@ -67,16 +67,34 @@ def write_config(path: Path, model: Path, data: Path, out: Path, **overrides) ->
     return path
 
 
+def sft_main(*argv: str) -> int:
+    """train/sft.py's main() in this process, through the wrapper its command line uses (exit status, one line)."""
+    import train.sft as sft
+    from tunekit.errors import run_main
+
+    return run_main(sft.main, list(argv))
+
+
 def launch(config: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([*ACCELERATE, str(ROOT / "train/sft.py"), "--config", str(config), *extra],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
+TUNEKIT = Path(sys.executable).parent / "tunekit"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, toy_data) -> Path:
-    """One real accelerate-launched run, shared by the checks below."""
+    """One real accelerate-launched run, shared by the checks below. It is launched as `tunekit train` from
+    another directory, with kebab-case flags that override the config (60 steps logged every 5, where the
+    config says 40 logged every step), so it is also test_tunekit_train_runs_from_any_directory's run: one
+    launch (~25 s of imports on 2 cores) instead of two."""
     d = tmp_path_factory.mktemp("run")
-    proc = launch(write_config(d / "cfg.yaml", tiny_model_dir, toy_data, d / "out"))
+    cfg = write_config(d / "cfg.yaml", tiny_model_dir, toy_data, d / "out", max_steps=40, logging_steps=1)
+    work = d / "elsewhere"
+    work.mkdir()
+    proc = subprocess.run([str(TUNEKIT), "train", str(cfg), "--max-steps", "60", "--logging-steps", "5"], cwd=work,
+                          env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return d / "out"
 
@@ -260,12 +278,13 @@ def test_malformed_dataset_is_named_with_its_line(tiny_model_dir, toy_data, tmp_
     assert f"{bad}:34: invalid_json" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-def test_unknown_config_key_is_an_error(tiny_model_dir, toy_data, tmp_path):
+def test_unknown_config_key_is_an_error(tiny_model_dir, toy_data, tmp_path, capsys):
+    """In-process through the script's wrapper, as test_bad_config_fails_fast_naming_the_key (the script's own
+    exit status 2 is test_malformed_dataset_is_named_with_its_line's)."""
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", learning_rat=0.1)
-    proc = subprocess.run([sys.executable, str(ROOT / "train/sft.py"), "--config", str(cfg)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "learning_rat" in proc.stderr and "Traceback" not in proc.stderr
+    assert sft_main("--config", str(cfg)) == 2
+    err = capsys.readouterr().err
+    assert "learning_rat" in err and "Traceback" not in err
 
 
 def test_every_config_yaml_parses_against_its_dataclasses():
@@ -319,21 +338,22 @@ def test_merge_gives_the_same_model_as_base_plus_adapter(trained, tmp_path):
     assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.slow
-def test_finished_run_is_kept_but_not_mistaken_for_another_step_count(tiny_model_dir, toy_data, tmp_path):
+def test_finished_run_is_kept_but_not_mistaken_for_another_step_count(tiny_model_dir, toy_data, tmp_path, capsys):
     """A finished output_dir is reused as is for the same max_steps, and refused (not silently reused) for others."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text(json.dumps({"steps": 40}))
     (out / "adapter_config.json").write_text("{}")
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, out, max_steps=40)
-    run = [sys.executable, str(ROOT / "train/sft.py"), "--config", str(cfg)]
-    proc = subprocess.run(run, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "already holds a finished run" in proc.stdout, proc.stderr[-2000:]
-    proc = subprocess.run([*run, "--max_steps", "60"], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 2 and "holds a finished run of 40 steps and this one asks for max_steps 60" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    # in-process through the script's wrapper (two processes cost ~40 s of imports; the decision is main()'s)
+    assert sft_main("--config", str(cfg)) == 0
+    printed = capsys.readouterr()
+    assert "already holds a finished run" in printed.out, printed.err[-2000:]
+    assert sft_main("--config", str(cfg), "--max_steps", "60") == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run of 40 steps and this one asks for max_steps 60" in err
+    assert "Traceback" not in err
+    assert json.loads((out / "summary.json").read_text()) == {"steps": 40}  # kept as it was
 
 
 # ----------------------------------------------------------------------------- the T4 path on this CPU
@@ -421,16 +441,18 @@ def test_t4_profile_passes_on_a_turing_gpu_and_bf16_on_ampere(tiny_model_dir, to
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_the_run_with_the_cause(tiny_model_dir, toy_data, tmp_path):
+def test_non_finite_loss_stops_the_run_with_the_cause(tiny_model_dir, toy_data, tmp_path, capsys):
+    """A real run (2 steps of the tiny model), in-process through the script's wrapper: a process would add
+    ~20 s of imports to a second of training."""
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", learning_rate=1e30,
                        logging_steps=1, max_steps=10, eval_strategy="no", save_steps=100)
-    proc = subprocess.run([sys.executable, str(ROOT / "train/sft.py"), "--config", str(cfg)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    rc = sft_main("--config", str(cfg))
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert line and "training loss is 0.0 with a non-finite entropy of the logits at step 2" in line[0], line
     assert "likely a learning rate far too high" in line[0] and "lower learning_rate" in line[0], line
-    assert "Traceback" not in proc.stderr and not (tmp_path / "out/summary.json").exists()
+    assert "Traceback" not in err and not (tmp_path / "out/summary.json").exists()
 
 
 def test_hardware_report_stops_without_cuda_naming_the_fix():
@@ -443,13 +465,12 @@ def test_hardware_report_stops_without_cuda_naming_the_fix():
                           timeout=120).returncode == 0
 
 
-@pytest.mark.slow
-def test_tunekit_train_runs_from_any_directory_with_kebab_case_flags(tiny_model_dir, toy_data, tmp_path):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", max_steps=40,
-                       eval_strategy="no", save_steps=100)
-    work = tmp_path / "elsewhere"
-    work.mkdir()
-    proc = subprocess.run([str(Path(sys.executable).parent / "tunekit"), "train", str(cfg), "--max-steps", "3",
-                           "--logging-steps", "1"], cwd=work, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "out/summary.json").read_text())["steps"] == 3
+def test_tunekit_train_runs_from_any_directory_with_kebab_case_flags(trained):
+    """`trained` is `tunekit train CFG --max-steps 60 --logging-steps 5` run from another directory; its config
+    says 40 steps, logged every step."""
+    cfg = yaml.safe_load((trained.parent / "cfg.yaml").read_text())
+    assert (cfg["max_steps"], cfg["logging_steps"]) == (40, 1)
+    assert json.loads((trained / "summary.json").read_text())["steps"] == 60
+    run_config = yaml.safe_load((trained / "run_config.yaml").read_text())["training"]
+    assert (run_config["max_steps"], run_config["logging_steps"]) == (60, 5)
+    assert not list((trained.parent / "elsewhere").iterdir())  # nothing written where it ran from

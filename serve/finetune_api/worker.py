@@ -336,6 +336,12 @@ class Worker:
     def collect(self, job_id: str, run_dir: Path, total: int, seen: dict) -> None:
         """New metrics.jsonl lines -> metrics events (and ``estimated_finish`` from the steps per second so
         far); new complete checkpoints -> checkpoint objects and their events."""
+        # The checkpoints before the metrics: train/sft.py logs a step (and evaluates) before it saves that
+        # step's checkpoint, so every metrics line a checkpoint seen here follows is in the file read below.
+        # (Listed after it, a checkpoint saved while this thread waited for the CPU came out before its step's
+        # metrics events, not after them as OpenAI's do.)
+        done = sorted((int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")
+                      if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").exists())
         path = run_dir / "metrics.jsonl"
         if path.exists():
             lines = [l for l in path.read_text().splitlines() if l.strip()]
@@ -358,11 +364,7 @@ class Worker:
                 if data and kind == "train":
                     self.estimate(job_id, data["step"], total, seen)
         job = self.store.get_job(job_id)
-        for ckpt in sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
-                           if re.fullmatch(r"checkpoint-\d+", p.name) else -1):
-            if not (ckpt / "trainer_state.json").exists() or not re.fullmatch(r"checkpoint-\d+", ckpt.name):
-                continue
-            step = int(ckpt.name.split("-")[1])
+        for step, _ckpt in done:
             name = f"{model_name(job, self.cfg.organization)}:ckpt-step-{step}"
             obj = {"object": "fine_tuning.job.checkpoint", "id": new_id("ftckpt_"), "created_at": int(time.time()),
                    "fine_tuned_model_checkpoint": name, "step_number": step,
