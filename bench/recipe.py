@@ -1,0 +1,186 @@
+"""Benchmark: which CPU training recipe learns the demo's card slice best in the demo's budget.
+
+    python bench/recipe.py                               # every lever below, ~13 min each on 2 cores
+    python bench/recipe.py --only profile lr2e-3         # some of them
+    python bench/recipe.py --steps 80                    # a shorter budget (levers that set their own
+                                                         # --max_steps keep their examples-seen ratio)
+    python bench/recipe.py --lever 'mine=--learning_rate 3e-3 --lora_r 32'   # one more row
+
+Each lever is ``configs/banking77/sft_cpu.yaml`` (the CPU profile ``make demo`` trains) plus the flags
+in LEVERS, trained by ``train/sft.py`` in its own subprocess (cwd = the repository root,
+``HF_HUB_OFFLINE=1``, no evaluation or checkpoints during training) on the demo's data
+(``runs/demo/data``, built by the demo's own build commands when missing), for ``--steps``
+steps (the demo's 160 by default).
+
+Accuracy is measured without a server, on the demo's 540 held-out card queries
+(``runs/demo/test/train.jsonl``): one teacher-forced forward pass per batch of the prompt (the run's
+own chat template, generation prompt added) followed by the reference answer and the end-of-turn
+token. An answer counts as right when the model's argmax at every one of those positions is the
+reference token: exactly the condition under which greedy decoding (temperature 0, what
+``tunekit compare`` asks vLLM for) writes the reference answer and stops. It can only undercount
+(an answer spelled with other tokens of the same text, which a trained adapter does not do).
+The TF-IDF + logistic-regression baseline of ``tunekit compare`` is trained on the same train split
+and scored on the same queries.
+
+Printed: one row per lever with wall time (the whole subprocess), steady tokens/s (sft.py's summary),
+final training loss, held-out exact-match accuracy, and the baseline's accuracy; written to
+``bench/results/recipe.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PROFILE = "configs/banking77/sft_cpu.yaml"
+DATA = "runs/demo/data"
+HELDOUT = "runs/demo/test/train.jsonl"
+OUT = "runs/recipe"
+
+# name -> flags on top of the profile. A lever that changes the batch keeps the examples seen.
+LEVERS = {
+    "profile": "",
+    "lr2e-3": "--learning_rate 2e-3",
+    "lr5e-4": "--learning_rate 5e-4",
+    "constant-lr": "--lr_scheduler_type constant_with_warmup",
+    "batch8": "--per_device_train_batch_size 8 --steps_factor 2",
+    "r64": "--lora_r 64 --lora_alpha 128",
+    "all-layers": "--lora_last_layers 30",
+    "top8-layers": "--lora_last_layers 8",
+}
+
+
+def ensure_data() -> None:
+    """The demo's train/valid split and held-out sample, built by the demo's own commands."""
+    if Path(f"{DATA}/train.jsonl").is_file() and Path(HELDOUT).is_file():
+        return
+    from tunekit.demo import steps
+
+    for name, cmd in steps(160):
+        if name.startswith("build"):
+            subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def train(name: str, flags: list[str], steps: int) -> dict:
+    out = ROOT / OUT / name
+    cmd = [sys.executable, "train/sft.py", "--config", PROFILE, "--train_file", f"{DATA}/train.jsonl",
+           "--valid_file", f"{DATA}/valid.jsonl", "--output_dir", str(out), "--max_steps", str(steps),
+           "--eval_strategy", "no", "--save_strategy", "no", "--plots", "false", *flags]
+    shutil.rmtree(out, ignore_errors=True)  # sft.py resumes or refuses an existing run
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise SystemExit(f"{name}: train/sft.py failed ({proc.returncode}): {' | '.join(tail)}")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"run_dir": str(out), "wall_s": round(wall, 1), "tokens_per_s": summary.get("tokens_per_s"),
+            "final_loss": summary.get("train_loss_last")}
+
+
+def exact_match(run_dir: str, batch: int = 32) -> float:
+    """Held-out share whose reference answer is the greedy answer (see the module docstring)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serve.compare.data import load_examples
+
+    tok = AutoTokenizer.from_pretrained(run_dir)
+    tok.chat_template = Path(run_dir, "chat_template.jinja").read_text()
+    base = json.loads(Path(run_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run_dir)
+    model.eval()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for ex in load_examples(HELDOUT):
+        prompt = tok.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(ex.reference, add_special_tokens=False)["input_ids"] + [end]
+        rows.append((p, a))
+    right = 0
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch):
+            chunk = rows[i:i + batch]
+            width = max(len(p) + len(a) for p, a in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id or 0)
+            mask = torch.zeros_like(ids)
+            for j, (p, a) in enumerate(chunk):  # right padding: positions are those of an unpadded prompt
+                seq = p + a
+                ids[j, :len(seq)] = torch.tensor(seq)
+                mask[j, :len(seq)] = 1
+            pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+            for j, (p, a) in enumerate(chunk):
+                got = pred[j, len(p) - 1:len(p) - 1 + len(a)].tolist()
+                right += got == a
+    return right / len(rows)
+
+
+def baseline_accuracy() -> float:
+    from serve.compare.baseline import baseline_rows, train_baseline
+    from serve.compare.cli import CompareConfig
+    from serve.compare.data import load_examples
+    from tunekit.config import load_config
+
+    cfg = load_config(CompareConfig, "configs/banking77/compare_cards.yaml",
+                      {"train_data": f"{DATA}/train.jsonl", "data": HELDOUT})
+    examples = load_examples(HELDOUT)
+    scores = baseline_rows(cfg, examples, train_baseline(cfg, examples))
+    return sum(scores) / len(scores)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=sorted(LEVERS), help="run these levers only")
+    ap.add_argument("--lever", action="append", default=[], metavar="NAME=FLAGS", help="one more lever")
+    ap.add_argument("--steps", type=int, default=160, help="training steps per lever (the demo's 160)")
+    ap.add_argument("--out", default="bench/results/recipe.json")
+    args = ap.parse_args(argv)
+    levers = {k: LEVERS[k] for k in (args.only or LEVERS)}
+    for extra in args.lever:
+        name, _, flags = extra.partition("=")
+        levers[name] = flags
+    os.chdir(ROOT)
+    ensure_data()
+    tfidf = baseline_accuracy()
+    print(f"TF-IDF + logistic regression: {tfidf:.3f} on {HELDOUT}", flush=True)
+    results = []
+    for name, flags in levers.items():
+        words = shlex.split(flags)
+        factor = 1
+        if "--steps_factor" in words:  # our own flag: a smaller batch sees the same examples in more steps
+            k = words.index("--steps_factor")
+            factor = float(words[k + 1])
+            del words[k:k + 2]
+        steps = int(args.steps * factor)
+        print(f"[{len(results) + 1}/{len(levers)}] {name}: {steps} steps {' '.join(words)}", flush=True)
+        row = {"lever": name, "flags": " ".join(words), "steps": steps, **train(name, words, steps)}
+        t0 = time.perf_counter()
+        row["accuracy"] = round(exact_match(row["run_dir"]), 3)
+        row["eval_s"] = round(time.perf_counter() - t0, 1)
+        results.append(row)
+        print(f"    {row['wall_s']:.0f} s, {row['tokens_per_s']} tokens/s, loss {row['final_loss']}, "
+              f"accuracy {row['accuracy']:.3f} (TF-IDF {tfidf:.3f}; scored in {row['eval_s']:.0f} s)", flush=True)
+    print("\n| lever | flags | steps | wall | tokens/s | final loss | accuracy | TF-IDF |\n|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['lever']} | `{r['flags'] or '(profile)'}` | {r['steps']} | {r['wall_s'] / 60:.1f} min | "
+              f"{r['tokens_per_s']} | {r['final_loss']} | {r['accuracy']:.3f} | {tfidf:.3f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"tfidf": tfidf, "heldout": HELDOUT, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
