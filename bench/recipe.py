@@ -1,6 +1,7 @@
 """Benchmark: which CPU training recipe learns the demo's card slice best in the demo's budget.
 
-    python bench/recipe.py                               # every lever below, ~13 min each on 2 cores
+    python bench/recipe.py                               # every lever below: training (the demo's 160 steps:
+                                                         # ~12 min on 2 cores) plus a few minutes of scoring
     python bench/recipe.py --only profile lr2e-3         # some of them
     python bench/recipe.py --steps 80                    # a shorter budget (levers that set their own
                                                          # --max_steps keep their examples-seen ratio)
@@ -102,7 +103,7 @@ def exact_match(run_dir: str, batch: int = 32) -> float:
     base = json.loads(Path(run_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run_dir)
     model.eval()
-    end = tok.convert_tokens_to_ids("<|im_end|>")
+    end = tok.eos_token_id  # the end-of-turn token greedy decoding stops at (SmolLM2: <|im_end|>)
     rows = []
     for ex in load_examples(HELDOUT):
         prompt = tok.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
