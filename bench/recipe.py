@@ -3,8 +3,8 @@
     python bench/recipe.py                               # every lever below: training (the demo's 160 steps:
                                                          # ~12 min on 2 cores) plus a few minutes of scoring
     python bench/recipe.py --only profile lr2e-3         # some of them
-    python bench/recipe.py --steps 80                    # a shorter budget (levers that set their own
-                                                         # --max_steps keep their examples-seen ratio)
+    python bench/recipe.py --steps 80                    # a shorter budget (batch8 still takes twice
+                                                         # the steps: the same examples seen)
     python bench/recipe.py --lever 'mine=--learning_rate 3e-3 --lora_r 32'   # one more row
 
 Each lever is ``configs/banking77/sft_cpu.yaml`` (the CPU profile ``make demo`` trains) plus the flags
