@@ -103,6 +103,7 @@ def exact_match(run_dir: str, batch: int = 32) -> float:
     base = json.loads(Path(run_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run_dir)
     model.eval()
+    inner = model.get_base_model()  # LoRA layers are injected in place: its decoder runs them
     end = tok.eos_token_id  # the end-of-turn token greedy decoding stops at (SmolLM2: <|im_end|>)
     rows = []
     for ex in load_examples(HELDOUT):
@@ -121,9 +122,10 @@ def exact_match(run_dir: str, batch: int = 32) -> float:
                 seq = p + a
                 ids[j, :len(seq)] = torch.tensor(seq)
                 mask[j, :len(seq)] = 1
-            pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+            # the decoder once, the vocabulary projection only where an answer token is predicted
+            hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
             for j, (p, a) in enumerate(chunk):
-                got = pred[j, len(p) - 1:len(p) - 1 + len(a)].tolist()
+                got = inner.lm_head(hidden[j, len(p) - 1:len(p) - 1 + len(a)]).argmax(-1).tolist()
                 right += got == a
     return right / len(rows)
 
@@ -144,19 +146,26 @@ def baseline_accuracy() -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="+", choices=sorted(LEVERS), help="run these levers only")
-    ap.add_argument("--lever", action="append", default=[], metavar="NAME=FLAGS", help="one more lever")
+    ap.add_argument("--only", nargs="+", metavar="LEVER", help=f"run these levers only: {', '.join(LEVERS)}")
+    ap.add_argument("--lever", action="append", default=[], metavar="NAME=FLAGS",
+                    help="one more lever (alone: only the --lever rows run)")
     ap.add_argument("--steps", type=int, default=160, help="training steps per lever (the demo's 160)")
-    ap.add_argument("--out", default="bench/results/recipe.json")
+    ap.add_argument("--out", default="bench/results/recipe.json",
+                    help="results; rows of levers not run this time are kept, a lever run again is replaced")
     args = ap.parse_args(argv)
-    levers = {k: LEVERS[k] for k in (args.only or LEVERS)}
-    for extra in args.lever:
-        name, _, flags = extra.partition("=")
-        levers[name] = flags
+    extras = dict(extra.partition("=")[::2] for extra in args.lever)
+    unknown = sorted(set(args.only or ()) - set(LEVERS) - set(extras))
+    if unknown:
+        ap.error(f"--only {' '.join(unknown)}: no such lever; use {', '.join(LEVERS)} or define it with --lever")
+    chosen = args.only or ([] if extras else list(LEVERS))
+    levers = {k: LEVERS.get(k, extras.get(k)) for k in chosen} | extras
     os.chdir(ROOT)
     ensure_data()
     tfidf = baseline_accuracy()
     print(f"TF-IDF + logistic regression: {tfidf:.3f} on {HELDOUT}", flush=True)
+    out = Path(args.out)
+    kept = json.loads(out.read_text())["results"] if out.is_file() else []
+    kept = [r for r in kept if r["lever"] not in levers]
     results = []
     for name, flags in levers.items():
         words = shlex.split(flags)
@@ -167,19 +176,21 @@ def main(argv=None) -> int:
             del words[k:k + 2]
         steps = int(args.steps * factor)
         print(f"[{len(results) + 1}/{len(levers)}] {name}: {steps} steps {' '.join(words)}", flush=True)
-        row = {"lever": name, "flags": " ".join(words), "steps": steps, **train(name, words, steps)}
+        row = {"lever": name, "flags": flags, "steps": steps, **train(name, words, steps)}
         t0 = time.perf_counter()
         row["accuracy"] = round(exact_match(row["run_dir"]), 3)
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         results.append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)  # after every lever: a stopped run keeps its rows
+        out.write_text(json.dumps({"tfidf": tfidf, "heldout": HELDOUT, "profile": PROFILE,
+                                   "results": kept + results}, indent=2))
         print(f"    {row['wall_s']:.0f} s, {row['tokens_per_s']} tokens/s, loss {row['final_loss']}, "
               f"accuracy {row['accuracy']:.3f} (TF-IDF {tfidf:.3f}; scored in {row['eval_s']:.0f} s)", flush=True)
-    print("\n| lever | flags | steps | wall | tokens/s | final loss | accuracy | TF-IDF |\n|---|---|---|---|---|---|---|---|")
-    for r in results:
+    print("\n| lever | flags on the profile | steps | training | tokens/s | final loss | accuracy | TF-IDF |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in kept + results:
         print(f"| {r['lever']} | `{r['flags'] or '(profile)'}` | {r['steps']} | {r['wall_s'] / 60:.1f} min | "
               f"{r['tokens_per_s']} | {r['final_loss']} | {r['accuracy']:.3f} | {tfidf:.3f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"tfidf": tfidf, "heldout": HELDOUT, "results": results}, indent=2))
     return 0
 
 
