@@ -63,16 +63,16 @@ $(MODEL)/config.json: $(STAMP)
 # TF-IDF baseline on the held-out test queries -> runs/demo/compare/report.md (tunekit/demo.py;
 # `tunekit demo --dry-run` prints its commands). `make demo USE_CASE=sensors` runs another use case
 # (app_reviews, assistant, banking77_json, imdb, sensors: `tunekit demo --use-case list`) into
-# runs/<use case>/; DEMO_STEPS overrides its training steps (default: its demo.yaml's, 160 here).
+# runs/<use case>/; DEMO_STEPS overrides its training steps (default: its demo.yaml's, 640 here).
 USE_CASE   ?= banking77
 DEMO_STEPS ?=
 demo: $(STAMP) $(VSTAMP) $(MODEL)/config.json
 	$(BIN)/tunekit demo --use-case $(USE_CASE)$(if $(DEMO_STEPS), --steps $(DEMO_STEPS))
 
-# The full 77-way banking77 task with the demo's CPU profile (~35 min on 2 cores): 320 steps, the
-# checkpoint half-way (160 steps) scored beside the final adapter -> runs/banking77/compare/report.md.
+# The full 77-way banking77 task with the demo's CPU profile: 640 steps of 8 examples, the
+# checkpoint half-way (320 steps) scored beside the final adapter -> runs/banking77/compare/report.md.
 FULL       := runs/banking77
-FULL_STEPS ?= 320
+FULL_STEPS ?= 640
 FULL_HALF  := $(shell expr $(FULL_STEPS) / 2)
 demo-full: $(STAMP) $(VSTAMP) $(MODEL)/config.json
 	$(BIN)/python -m data_prep build --config configs/banking77/build.yaml

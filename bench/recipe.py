@@ -1,17 +1,18 @@
 """Benchmark: which CPU training recipe learns the demo's card slice best in the demo's budget.
 
-    python bench/recipe.py                               # every lever below: training (the demo's 160 steps:
-                                                         # ~12 min on 2 cores) plus a few minutes of scoring
-    python bench/recipe.py --only profile lr2e-3         # some of them
-    python bench/recipe.py --steps 80                    # a shorter budget (batch8 still takes twice
-                                                         # the steps: the same examples seen)
-    python bench/recipe.py --lever 'mine=--learning_rate 3e-3 --lora_r 32'   # one more row
+    python bench/recipe.py                               # every lever below (~5-10 min each on 2 cores
+                                                         # with AVX512-BF16, scoring included)
+    python bench/recipe.py --only start lr2e-3           # some of them
+    python bench/recipe.py --lever 'mine=--learning_rate 3e-3 --lora_r 32'   # one more row (only it runs)
 
-Each lever is ``configs/banking77/sft_cpu.yaml`` (the CPU profile ``make demo`` trains) plus the flags
-in LEVERS, trained by ``train/sft.py`` in its own subprocess (cwd = the repository root,
-``HF_HUB_OFFLINE=1``, no evaluation or checkpoints during training) on the demo's data
-(``runs/demo/data``, built by the demo's own build commands when missing), for ``--steps``
-steps (the demo's 160 by default).
+Each lever is ``configs/banking77/sft_cpu.yaml`` (the CPU profile ``make demo`` trains) with START's
+flags on top (the profile as it was before this benchmark tuned it: batch 16, learning rate 1e-3,
+160 steps) and then the lever's own; ``--steps_factor K`` (this script's flag) trains K x 160 steps,
+so a lever that halves the batch with K = 2 sees the same examples. ``profile`` is the profile as it
+is now, at the demo's own steps (``configs/banking77/demo.yaml``). Each is trained by
+``train/sft.py`` in its own subprocess (cwd = the repository root, ``HF_HUB_OFFLINE=1``, no
+evaluation or checkpoints during training) on the demo's data (``runs/demo/data``, built by the
+demo's own build commands when missing).
 
 Accuracy is measured without a server, on the demo's 540 held-out card queries
 (``runs/demo/test/train.jsonl``): one teacher-forced forward pass per batch of the prompt (the run's
@@ -23,9 +24,9 @@ reference token: exactly the condition under which greedy decoding (temperature 
 The TF-IDF + logistic-regression baseline of ``tunekit compare`` is trained on the same train split
 and scored on the same queries.
 
-Printed: one row per lever with wall time (the whole subprocess), steady tokens/s (sft.py's summary),
-final training loss, held-out exact-match accuracy, and the baseline's accuracy; written to
-``bench/results/recipe.json``.
+Printed: one row per lever with training wall time (the whole subprocess), steady tokens/s
+(sft.py's summary), final training loss, held-out exact-match accuracy, and the baseline's
+accuracy; written to ``bench/results/recipe.json`` (rows of levers not run this time are kept).
 """
 
 from __future__ import annotations
@@ -49,17 +50,31 @@ DATA = "runs/demo/data"
 HELDOUT = "runs/demo/test/train.jsonl"
 OUT = "runs/recipe"
 
-# name -> flags on top of the profile. A lever that changes the batch keeps the examples seen.
+# The profile before tuning, the base of every lever but `profile`.
+START = "--per_device_train_batch_size 16 --learning_rate 1e-3 --lr_scheduler_type cosine --lora_last_layers 15"
+START_STEPS = 160
+
+# name -> flags on top of START; --steps_factor K trains K x START_STEPS steps. "profile": today's profile as is.
 LEVERS = {
-    "profile": "",
+    "profile": None,
+    "start": "",
     "lr2e-3": "--learning_rate 2e-3",
-    "lr5e-4": "--learning_rate 5e-4",
+    "lr3e-3": "--learning_rate 3e-3",
     "constant-lr": "--lr_scheduler_type constant_with_warmup",
     "batch8": "--per_device_train_batch_size 8 --steps_factor 2",
-    "r64": "--lora_r 64 --lora_alpha 128",
+    "batch4": "--per_device_train_batch_size 4 --steps_factor 4",
+    "batch8-lr2e-3": "--per_device_train_batch_size 8 --learning_rate 2e-3 --steps_factor 2",
     "all-layers": "--lora_last_layers 30",
     "top8-layers": "--lora_last_layers 8",
+    "lr2e-3-2x": "--learning_rate 2e-3 --steps_factor 2",
+    "batch8-lr2e-3-2x": "--per_device_train_batch_size 8 --learning_rate 2e-3 --steps_factor 4",
 }
+
+
+def demo_steps() -> int:
+    from tunekit import demo
+
+    return demo.load_use_case("banking77").steps
 
 
 def ensure_data() -> None:
@@ -68,7 +83,7 @@ def ensure_data() -> None:
         return
     from tunekit.demo import steps
 
-    for name, cmd in steps(160):
+    for name, cmd in steps(demo_steps()):
         if name.startswith("build"):
             subprocess.run(cmd, cwd=ROOT, check=True)
 
@@ -149,7 +164,6 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", metavar="LEVER", help=f"run these levers only: {', '.join(LEVERS)}")
     ap.add_argument("--lever", action="append", default=[], metavar="NAME=FLAGS",
                     help="one more lever (alone: only the --lever rows run)")
-    ap.add_argument("--steps", type=int, default=160, help="training steps per lever (the demo's 160)")
     ap.add_argument("--out", default="bench/results/recipe.json",
                     help="results; rows of levers not run this time are kept, a lever run again is replaced")
     args = ap.parse_args(argv)
@@ -168,28 +182,32 @@ def main(argv=None) -> int:
     kept = [r for r in kept if r["lever"] not in levers]
     results = []
     for name, flags in levers.items():
-        words = shlex.split(flags)
-        factor = 1
-        if "--steps_factor" in words:  # our own flag: a smaller batch sees the same examples in more steps
-            k = words.index("--steps_factor")
-            factor = float(words[k + 1])
-            del words[k:k + 2]
-        steps = int(args.steps * factor)
+        if flags is None:  # the profile as it is, at the demo's steps
+            words, steps = [], demo_steps()
+        else:
+            words = shlex.split(START) + shlex.split(flags)
+            factor = 1.0
+            if "--steps_factor" in words:  # our own flag: a smaller batch sees the same examples in more steps
+                k = words.index("--steps_factor")
+                factor = float(words[k + 1])
+                del words[k:k + 2]
+            steps = int(START_STEPS * factor)
         print(f"[{len(results) + 1}/{len(levers)}] {name}: {steps} steps {' '.join(words)}", flush=True)
-        row = {"lever": name, "flags": flags, "steps": steps, **train(name, words, steps)}
+        row = {"lever": name, "flags": flags if flags is not None else "(the profile)", "steps": steps,
+               **train(name, words, steps)}
         t0 = time.perf_counter()
         row["accuracy"] = round(exact_match(row["run_dir"]), 3)
         row["eval_s"] = round(time.perf_counter() - t0, 1)
         results.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)  # after every lever: a stopped run keeps its rows
-        out.write_text(json.dumps({"tfidf": tfidf, "heldout": HELDOUT, "profile": PROFILE,
+        out.write_text(json.dumps({"tfidf": tfidf, "heldout": HELDOUT, "profile": PROFILE, "start": START,
                                    "results": kept + results}, indent=2))
         print(f"    {row['wall_s']:.0f} s, {row['tokens_per_s']} tokens/s, loss {row['final_loss']}, "
               f"accuracy {row['accuracy']:.3f} (TF-IDF {tfidf:.3f}; scored in {row['eval_s']:.0f} s)", flush=True)
     print("\n| lever | flags on the profile | steps | training | tokens/s | final loss | accuracy | TF-IDF |\n"
           "|---|---|---|---|---|---|---|---|")
     for r in kept + results:
-        print(f"| {r['lever']} | `{r['flags'] or '(profile)'}` | {r['steps']} | {r['wall_s'] / 60:.1f} min | "
+        print(f"| {r['lever']} | `{r['flags'] or '(START)'}` | {r['steps']} | {r['wall_s'] / 60:.1f} min | "
               f"{r['tokens_per_s']} | {r['final_loss']} | {r['accuracy']:.3f} | {tfidf:.3f} |")
     return 0
 

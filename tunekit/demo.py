@@ -234,7 +234,7 @@ def parser() -> argparse.ArgumentParser:
                                        "(the default: runs/demo/); the report is runs/<use case>/compare/report.md.")
     p.add_argument("--use-case", default=DEFAULT_USE_CASE, metavar="NAME",
                    help=f"the use case to run, or 'list' (default: {DEFAULT_USE_CASE}, the card intents)")
-    p.add_argument("--steps", type=int, help="training steps (default: the use case's; 160 for the card demo, "
+    p.add_argument("--steps", type=int, help="training steps (default: the use case's; 640 for the card demo, "
                                              "~12 min on 2 cores)")
     p.add_argument("--train-rows", type=int, metavar="N", help="train on a seeded sample of about N examples "
                                                                f"(at least {MIN_VALID} more go to valid.jsonl)")
