@@ -183,6 +183,42 @@ def test_main_runs_end_to_end_and_resumes(tmp_path, monkeypatch, capsys):
     assert m["complete"] is True and [s["accuracy"] for s in m["models"]] == [1.0, 1.0]
 
 
+def test_the_judge_asks_while_the_started_server_is_up_and_counts_failures(tmp_path, monkeypatch):
+    """--start-server with a text task and judge_model: every judge request is sent before the server
+    stops (it was once sent after, and each verdict failed); a failed verdict is `failed`, not a tie."""
+    import serve.compare
+    import serve.compare.cli
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"ANSWER q{i}"}]}
+            for i in range(3)]
+    data = write_jsonl(tmp_path / "heldout.jsonl", rows)
+    backend = FakeBackend()
+    events = []
+
+    class Server:
+        def stop(self):
+            events.append(("stop", len(backend.completions.calls)))
+
+    monkeypatch.setattr(serve.compare.cli, "load_backend", lambda *a, **k: backend)
+    monkeypatch.setattr(serve.compare.cli, "start_server", lambda b: Server())
+    original = backend.completions.create
+
+    async def create(model, messages, **sampling):  # the judge's prompt about q1 fails, once per order
+        if messages[-1]["content"].startswith("Question:\nq1"):
+            backend.completions.calls.append((model, "judge q1"))
+            raise RuntimeError("connection refused")
+        return await original(model, messages, **sampling)
+
+    backend.completions.create = create
+    argv = ["--data", str(data), "--out", str(tmp_path / "out"), "--models", "base,finetuned", "--task", "text",
+            "--judge-model", "base", "--start-server"]
+    assert serve.compare.main(argv) == 0
+    judge_calls = [c for c in backend.completions.calls if c[1].startswith(("Question:", "judge"))]
+    assert len(judge_calls) == 6 and events == [("stop", 12)]  # 6 answers, then 6 verdicts, then the stop
+    verdicts = json.loads((tmp_path / "out/metrics.json").read_text())["judge"]
+    assert verdicts == [{"judge": "base", "pair": ["base", "finetuned"], "tie_or_inconsistent": 2, "failed": 1}]
+
+
 def test_python_m_serve_compare_turns_a_user_error_into_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "serve.compare", "--config", str(tmp_path / "missing.yaml")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -155,6 +155,7 @@ def main(argv=None) -> int:
 
     server = start_server(backend) if args.start_server else None
     interrupted = False
+    judged = None
     try:
         check_reachable(backend, list(models.values()))
         t0 = time.perf_counter()
@@ -165,6 +166,13 @@ def main(argv=None) -> int:
             interrupted = True
             results = answered(out, models)
         elapsed = time.perf_counter() - t0
+        if task.judge and cfg.judge_model and len(models) >= 2 and not interrupted:  # while the server is up
+            answers = {a: {i: r.get("answer") for i, r in results[a].items()} for a in models}
+            for ex in examples:
+                for a in models:
+                    answers[a].setdefault(ex.idx, None)
+            names = list(models)
+            judged = [asyncio.run(judge(backend, cfg, examples, answers, names[0], n)) for n in names[1:]]
     finally:
         if server:
             server.stop()
@@ -178,13 +186,8 @@ def main(argv=None) -> int:
                "sampling": backend.sampling_kwargs(max_tokens=cfg.max_tokens), "elapsed_s": round(elapsed, 2),
                "complete": not interrupted and all(s["answered"] == s["n"] for s in summaries), "models": summaries,
                "deltas": deltas(cfg, examples, results, baseline, summaries)}
-    if task.judge and cfg.judge_model and len(models) >= 2 and not interrupted:
-        answers = {a: {i: r.get("answer") for i, r in results[a].items()} for a in models}
-        for ex in examples:
-            for a in models:
-                answers[a].setdefault(ex.idx, None)
-        names = list(models)
-        metrics["judge"] = [asyncio.run(judge(backend, cfg, examples, answers, names[0], n)) for n in names[1:]]
+    if judged is not None:
+        metrics["judge"] = judged
     write_outputs(out, cfg, examples, results, baseline, metrics)
 
     for line in console_lines(cfg, summaries):

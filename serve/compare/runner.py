@@ -147,7 +147,8 @@ async def run_requests(backend: Backend, cfg: CompareConfig, models: dict[str, s
 
 
 async def judge(backend: Backend, cfg: CompareConfig, examples, answers: dict[str, list], a: str, b: str) -> dict:
-    """Pairwise LLM judge, both orders; a win counts only when both orders agree."""
+    """Pairwise LLM judge, both orders; a win counts only when both orders agree. A pair with a failed
+    request (server gone, timeout) is counted as ``failed``, not as a tie."""
     client = backend.async_client(max_retries=cfg.max_retries, timeout=cfg.timeout_s)
     model = backend.resolve(cfg.judge_model)
     sem = asyncio.Semaphore(cfg.concurrency)
@@ -167,7 +168,9 @@ async def judge(backend: Backend, cfg: CompareConfig, examples, answers: dict[st
     for ex in examples:
         x, y = answers[a][ex.idx] or "", answers[b][ex.idx] or ""
         v1, v2 = await asyncio.gather(verdict(ex, x, y), verdict(ex, y, x))
-        if v1.startswith("1") and v2.startswith("2"):
+        if "error" in (v1, v2):
+            wins["failed"] += 1
+        elif v1.startswith("1") and v2.startswith("2"):
             wins[a] += 1
         elif v1.startswith("2") and v2.startswith("1"):
             wins[b] += 1
