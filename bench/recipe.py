@@ -204,7 +204,7 @@ def main(argv=None) -> int:
                                    "results": kept + results}, indent=2))
         print(f"    {row['wall_s']:.0f} s, {row['tokens_per_s']} tokens/s, loss {row['final_loss']}, "
               f"accuracy {row['accuracy']:.3f} (TF-IDF {tfidf:.3f}; scored in {row['eval_s']:.0f} s)", flush=True)
-    print("\n| lever | flags on the profile | steps | training | tokens/s | final loss | accuracy | TF-IDF |\n"
+    print("\n| lever | flags on START | steps | training | tokens/s | final loss | accuracy | TF-IDF |\n"
           "|---|---|---|---|---|---|---|---|")
     for r in kept + results:
         print(f"| {r['lever']} | `{r['flags'] or '(START)'}` | {r['steps']} | {r['wall_s'] / 60:.1f} min | "
