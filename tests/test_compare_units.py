@@ -216,7 +216,10 @@ def test_the_judge_asks_while_the_started_server_is_up_and_counts_failures(tmp_p
     judge_calls = [c for c in backend.completions.calls if c[1].startswith(("Question:", "judge"))]
     assert len(judge_calls) == 6 and events == [("stop", 12)]  # 6 answers, then 6 verdicts, then the stop
     verdicts = json.loads((tmp_path / "out/metrics.json").read_text())["judge"]
-    assert verdicts == [{"judge": "base", "pair": ["base", "finetuned"], "tie_or_inconsistent": 2, "failed": 1}]
+    assert verdicts == [{"judge": "base", "pair": ["base", "finetuned"], "tie_or_inconsistent": 2, "failed": 1,
+                         "failed_reason": "RuntimeError: connection refused"}]
+    report = (tmp_path / "out/report.md").read_text()
+    assert "failed 1 (the first failure: RuntimeError: connection refused)" in report
 
 
 def test_python_m_serve_compare_turns_a_user_error_into_exit_2(tmp_path):

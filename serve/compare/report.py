@@ -144,7 +144,8 @@ def write_report(out: Path, cfg: CompareConfig, metrics: dict, plots: list[str],
         lines += ["", f"format ok (`{cfg.format_check}`): share of answers with {FORMAT_MEANING[cfg.format_check]}."]
     for j in metrics.get("judge", []):
         lines += ["", f"LLM judge `{j['judge']}` (both orders, a win needs both): "
-                  + ", ".join(f"{k} {v}" for k, v in j.items() if k not in ("judge", "pair"))]
+                  + ", ".join(f"{k} {v}" for k, v in j.items() if k not in ("judge", "pair", "failed_reason"))
+                  + (f" (the first failure: {j['failed_reason']})" if j.get("failed_reason") else "")]
     failures = {s["alias"]: s["failed"] for s in metrics["models"] if s.get("failed")}
     lines += ["", "Failed requests (counted as wrong, listed in predictions.csv): "
               + (json.dumps(failures) if failures else "none") + "."]

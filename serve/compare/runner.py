@@ -148,10 +148,12 @@ async def run_requests(backend: Backend, cfg: CompareConfig, models: dict[str, s
 
 async def judge(backend: Backend, cfg: CompareConfig, examples, answers: dict[str, list], a: str, b: str) -> dict:
     """Pairwise LLM judge, both orders; a win counts only when both orders agree. A pair with a failed
-    request (server gone, timeout) is counted as ``failed``, not as a tie."""
+    request (server gone, timeout, a prompt longer than the server's context) is counted as ``failed``,
+    not as a tie, and the first failure's reason is kept as ``failed_reason``."""
     client = backend.async_client(max_retries=cfg.max_retries, timeout=cfg.timeout_s)
     model = backend.resolve(cfg.judge_model)
     sem = asyncio.Semaphore(cfg.concurrency)
+    reasons: list[str] = []
 
     async def verdict(ex, first, second):
         prompt = (f"Question:\n{ex.text}\n\nReference answer:\n{ex.reference}\n\nAnswer 1:\n{first}\n\n"
@@ -161,13 +163,16 @@ async def judge(backend: Backend, cfg: CompareConfig, examples, answers: dict[st
                 r = await client.chat.completions.create(model=model, temperature=0, max_tokens=4,
                                                          messages=[{"role": "user", "content": prompt}])
                 return (r.choices[0].message.content or "").strip().lower()
-            except Exception:  # noqa: BLE001 - a failed verdict counts as no verdict
+            except Exception as e:  # noqa: BLE001 - a failed verdict counts as no verdict, with its reason
+                reasons.append(" ".join(f"{type(e).__name__}: {e}".split())[:300])
                 return "error"
 
-    wins = Counter()
-    for ex in examples:
+    async def both_orders(ex):
         x, y = answers[a][ex.idx] or "", answers[b][ex.idx] or ""
-        v1, v2 = await asyncio.gather(verdict(ex, x, y), verdict(ex, y, x))
+        return await asyncio.gather(verdict(ex, x, y), verdict(ex, y, x))
+
+    wins = Counter()
+    for v1, v2 in await asyncio.gather(*(both_orders(ex) for ex in examples)):  # `concurrency` in flight
         if "error" in (v1, v2):
             wins["failed"] += 1
         elif v1.startswith("1") and v2.startswith("2"):
@@ -177,7 +182,7 @@ async def judge(backend: Backend, cfg: CompareConfig, examples, answers: dict[st
         else:
             wins["tie_or_inconsistent"] += 1
     await client.close()
-    return {"judge": model, "pair": [a, b], **wins}
+    return {"judge": model, "pair": [a, b], **wins, **({"failed_reason": reasons[0]} if reasons else {})}
 
 
 def check_reachable(backend: Backend, models: list[str]) -> None:
