@@ -99,8 +99,12 @@ BROWSER := /usr/bin/chromium
 $(BROWSER):
 	$$(command -v sudo) apt-get update -qq && $$(command -v sudo) apt-get install -y -qq chromium
 
+# Two pytest-xdist workers: most tests wait on a subprocess (a server starting, a training run), and
+# one worker kept the 2 cores about 40% busy. The tests of the session's vLLM server run on one
+# worker, each other module whole on one (tests/conftest.py); TEST_WORKERS=0: no workers.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(VSTAMP) $(MODEL)/config.json $(BROWSER)
-	@$(BIN)/python -m pytest -q --durations=25; rc=$$?; \
+	@$(BIN)/python -m pytest -q --durations=25 $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS)); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
 
 # Does the README's GPU install (constraints + ".[gpu]") resolve on Python 3.12 and 3.13? pip dry runs, ~3 min.

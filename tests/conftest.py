@@ -27,10 +27,34 @@ SLOW_MODULES = {"test_vllm_cpu_lora", "test_notebook", "test_compare", "test_ser
                 "test_openai_ft"}
 
 
+# Modules with a test that uses the session's vLLM server. Under pytest-xdist (`make test` runs two
+# workers) they run on one worker, so one server serves them all; every other module runs whole on
+# one worker, so its module-scoped fixtures (a training run, an API server) are built once. (xdist's
+# own --dist loadgroup cannot do this with pytest 9: the group it writes into a test's id is lost.)
+VLLM_SERVER_MODULES = {"test_compare", "test_compare_logprobs", "test_distil", "test_finetune_api_chat", "test_serve",
+                       "test_ui", "test_use_cases"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneServer(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "vllm_server" if Path(module).stem in VLLM_SERVER_MODULES else module
+
+    return OneServer(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in SLOW_MODULES:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures or item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        if "vllm_server" in fixtures and item.module.__name__ not in VLLM_SERVER_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses vllm_server: add {item.module.__name__} to "
+                                    "VLLM_SERVER_MODULES in tests/conftest.py (one server per test run)")
 
 
 def ctrl_c_able() -> None:

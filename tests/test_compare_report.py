@@ -160,6 +160,12 @@ def test_format_check_counts_markdown_headings_and_shows_its_column(tmp_path):
     write_outputs(tmp_path, cfg, exs, results, None, metrics)
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "| model | ROUGE-L | format ok | failed |" in report and "| model | 0.000 | 0.400 | 1 |" in report
+    assert "Figures from elsewhere" not in report
+    cfg.reference_figures = ["a write-up's forest: ROC AUC 0.85", "its DistilBERT: accuracy 0.93"]
+    write_outputs(tmp_path, cfg, exs, results, None, metrics)
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "## Figures from elsewhere" in report
+    assert "- a write-up's forest: ROC AUC 0.85\n- its DistilBERT: accuracy 0.93" in report
     data = write_jsonl(tmp_path / "d.jsonl", [])
     for keys, message in [
         ({"task": "text", "format_check": "html"}, "format_check: 'html'; use one of markdown_headings"),

@@ -60,6 +60,8 @@ class CompareConfig:
         "help": "report.md: up to N examples where the second model beats the first, and N the other way"})
     format_check: str | None = field(default=None, metadata={
         "help": f"text task: share of answers in a format ({' | '.join(FORMAT_CHECKS)})"})
+    reference_figures: list[str] = field(default_factory=list, metadata={
+        "help": "report.md: figures measured elsewhere (e.g. a write-up's, on other splits), shown as context"})
     out: str = field(default="runs/compare", metadata={"help": "output folder"})
 
     def check(self, where: str) -> None:
@@ -98,7 +100,7 @@ def parser() -> argparse.ArgumentParser:
         "data": "FILE.jsonl", "serve_config": "FILE.yaml", "train_data": "FILE.jsonl", "json_fields": "FIELD",
         "models": "MODEL", "limit": "N", "concurrency": "N", "max_retries": "N", "timeout_s": "S",
         "max_tokens": "N", "gpu_hour_usd": "USD", "judge_model": "MODEL", "out": "DIR", "bootstrap": "N",
-        "seed": "N", "examples": "N", "format_check": "CHECK"})
+        "seed": "N", "examples": "N", "format_check": "CHECK", "reference_figures": "TEXT"})
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/raw and send the rest")
     p.add_argument("--start-server", action="store_true",
                    help="local backend: start the vLLM server of the serve config for this run, stop it after")

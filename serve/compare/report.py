@@ -150,6 +150,10 @@ def write_report(out: Path, cfg: CompareConfig, metrics: dict, plots: list[str],
     lines += ["", "Failed requests (counted as wrong, listed in predictions.csv): "
               + (json.dumps(failures) if failures else "none") + "."]
     lines += delta_lines(metrics)
+    if cfg.reference_figures:
+        lines += ["", "## Figures from elsewhere", "",
+                  "Measured on other data and splits (`reference_figures`): context beside the table above, "
+                  "not a like-for-like comparison.", "", *(f"- {f}" for f in cfg.reference_figures)]
     if examples is not None and results:
         lines += example_lines(cfg, examples, results)
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
