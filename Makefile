@@ -16,7 +16,7 @@ TORCH_INDEX ?=
 # Unlike pip, uv writes no bytecode, so each venv's packages are compiled once after its installs (~45 s
 # and ~30 s on 2 cores). Without that, every process compiles what it imports, every time where
 # PYTHONDONTWRITEBYTECODE is set: `import peft` took 26 s instead of 10 on the 2-core machine.
-# (A package's files that are not Python, e.g. templates named .py, are skipped quietly.)
+# (quiet=2: a package's .py files that are not valid Python, e.g. templates, are skipped without a message.)
 COMPILE := import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)
 UV_VERSION := 0.13.9
 UV         := $(BIN)/uv
