@@ -56,6 +56,27 @@ def test_train_wraps_accelerate_launch_with_one_process_or_a_config_file():
     assert "--config_file" in multi and "--num_processes" not in multi
 
 
+def test_make_demo_full_runs_tunekit_commands_whose_flags_parse():
+    """`make demo-full` (the README's full-task command) dry-run: its tunekit commands, and the training
+    flags as train/sft.py reads them."""
+    import shlex
+
+    from train.sft import parse
+
+    proc = subprocess.run(["make", "-n", "-s", "demo-full", "FULL_STEPS=1000"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line) for line in lines if "/tunekit " in line]
+    assert [c[1] for c in commands] == ["build", "build", "train", "compare"]
+    train, compare = commands[2], commands[3]
+    assert train[2] == "configs/banking77/sft_cpu.yaml"
+    _script, training, _model = parse(["--config", str(ROOT / train[2]), *train[3:]])
+    assert (training.max_steps, training.eval_steps, training.save_steps) == (1000, 500, 500)
+    assert "--start-server" in compare and compare[compare.index("--models") + 1] == "base,steps500,finetuned"
+    assert compare[compare.index("--adapter") + 1] == f"steps500={training.output_dir}/checkpoint-500"
+
+
 def test_demo_copies_only_what_is_missing(tmp_path, monkeypatch):
     from tunekit import demo
 
