@@ -195,6 +195,42 @@ def test_only_assistant_tokens_carry_labels(tiny_model_dir, toy_data, tmp_path):
     assert trained_tokens == ["yes", "<|im_end|>"]
 
 
+def test_padding_free_batch_has_the_padded_batchs_loss(tiny_model_dir, toy_data, tmp_path):
+    """padding_free concatenates the batch into one row with no attention mask; under sdpa the examples
+    must still not see each other (transformers masks them apart by position_ids), so the loss and the
+    gradients are the padded batch's, while no padding token is computed."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from train.sft import load_chat_jsonl, load_model, resolve_chat_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = resolve_chat_template(tok, None)
+    rows = load_chat_jsonl(str(toy_data / "train.jsonl"), "train_file")[:3]
+    rows[1]["messages"][1]["content"] = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"  # lengths differ: the padded batch pads
+    model_args = type("M", (), {"dtype": "float32", "load_in_4bit": False, "load_in_8bit": False,
+                                "model_name_or_path": str(tiny_model_dir), "model_revision": "main",
+                                "attn_implementation": "sdpa"})()
+    results = {}
+    for padding_free in (False, True):
+        args = SFTConfig(output_dir=str(tmp_path / str(padding_free)), use_cpu=True, bf16=False,
+                         assistant_only_loss=True, padding_free=padding_free,
+                         max_length=None if padding_free else 64, report_to="none")
+        trainer = SFTTrainer(model=load_model(model_args, args), args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grad = next(p.grad for n, p in trainer.model.named_parameters() if "q_proj" in n and p.requires_grad)
+        results[padding_free] = (batch["input_ids"].shape, loss.item(), grad.clone())
+    (padded_shape, padded_loss, padded_grad), (free_shape, free_loss, free_grad) = results[False], results[True]
+    assert padded_shape[0] == 3 and free_shape[0] == 1 and free_shape[1] < padded_shape[0] * padded_shape[1]
+    assert free_loss == pytest.approx(padded_loss, rel=1e-5)
+    torch.testing.assert_close(free_grad, padded_grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_checkpoint(tiny_model_dir, toy_data, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", max_steps=40,
@@ -229,6 +265,9 @@ def test_sigkill_mid_run_resumes_from_checkpoint(tiny_model_dir, toy_data, tmp_p
     ({"max_length": 8}, "max_length: 8 is shorter than"),
     ({"lora_r": 128}, "lora_r: 128 is above max_server_lora_rank 64"),
     ({"lora_modules_to_save": ["lm_head"]}, "lora_modules_to_save: vLLM refuses"),
+    ({"padding_free": True, "attn_implementation": "flex_attention"}, "padding_free: needs attn_implementation"),
+    ({"padding_free": True, "max_length": 8, "max_truncated_fraction": 1.0},
+     "padding_free: 32 train example(s) are longer than max_length 8"),
 ])
 def test_bad_config_fails_fast_naming_the_key(overrides, expected, tiny_model_dir, toy_data, tmp_path, capsys):
     """In-process through the script's own wrapper (a process per case cost ~15 s of imports each;

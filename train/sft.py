@@ -68,6 +68,9 @@ class ScriptArguments:
 
 # ----------------------------------------------------------------------------- checks before loading
 
+# attention implementations that keep the examples of a padding-free (concatenated) batch apart
+PADDING_FREE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
 
 def check_config(script, training, model_args) -> list[str]:
     """Problems that would waste a run, found before the model is loaded."""
@@ -79,8 +82,11 @@ def check_config(script, training, model_args) -> list[str]:
         major, _ = torch.cuda.get_device_capability(0)
         if major < 8:
             problems.append("attn_implementation: FlashAttention needs an Ampere or newer GPU; use sdpa on a T4")
-    if training.padding_free and not (model_args.attn_implementation or "").startswith("flash_attention"):
-        problems.append("padding_free: only works with FlashAttention; set padding_free: false")
+    if training.padding_free and (model_args.attn_implementation or "sdpa") not in PADDING_FREE_ATTENTION:
+        # sdpa and eager too: with no attention mask and a past-free forward (training), transformers reads
+        # the sequence boundaries off position_ids and masks each example off from the others
+        problems.append(f"padding_free: needs attn_implementation {' or '.join(PADDING_FREE_ATTENTION)}; "
+                        f"set padding_free: false to use {model_args.attn_implementation}")
     if model_args.use_peft:
         if model_args.lora_modules_to_save:
             problems.append("lora_modules_to_save: vLLM refuses adapters with modules_to_save; remove it")
@@ -222,6 +228,13 @@ def main(argv=None) -> int:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lengths = check_lengths(train_rows, tokenizer, template, training.max_length, script.max_truncated_fraction)
+    if training.padding_free and not training.packing and training.max_length:
+        # TRL concatenates a padding-free batch without truncating it, and refuses a max_length for it
+        if lengths.get("over_max_length"):
+            raise UserError(f"padding_free: {lengths['over_max_length']} train example(s) are longer than "
+                            f"max_length {training.max_length} (longest {lengths['max']}), and padding-free "
+                            f"batches are not truncated; set max_length: {lengths['max']} or padding_free: false")
+        training.max_length = None  # every example fits: the same batches, untruncated
     if valid_rows is None and training.eval_strategy != "no":
         training.eval_strategy = "no"
 
