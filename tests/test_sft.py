@@ -231,6 +231,65 @@ def test_padding_free_batch_has_the_padded_batchs_loss(tiny_model_dir, toy_data,
     torch.testing.assert_close(free_grad, padded_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_shared_prefix_once_per_batch_gives_the_plain_batchs_loss_and_gradients(tiny_model_dir, toy_data, tmp_path):
+    """shared_prefix: the system message every row starts with runs once, its keys/values repeated across
+    the batch; TRL's own loss (fused LM head) and the LoRA gradients must be those of the plain batch."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from train.shared_prefix import enable, shared_prefix_length
+    from train.sft import load_chat_jsonl, load_model, resolve_chat_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = resolve_chat_template(tok, None)
+    rows = load_chat_jsonl(str(toy_data / "train.jsonl"), "train_file")[:3]
+    rows[1]["messages"][1]["content"] = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"  # rows of other lengths: padding too
+    model_args = type("M", (), {"dtype": "float32", "load_in_4bit": False, "load_in_8bit": False,
+                                "model_name_or_path": str(tiny_model_dir), "model_revision": "main",
+                                "attn_implementation": "sdpa"})()
+    from peft import LoraConfig
+
+    results = {}
+    for shared in (False, True):
+        args = SFTConfig(output_dir=str(tmp_path / str(shared)), use_cpu=True, bf16=False, assistant_only_loss=True,
+                         max_length=64, report_to="none")
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        trainer = SFTTrainer(model=load_model(model_args, args), args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok, peft_config=LoraConfig(r=8, target_modules="all-linear",
+                                                                          init_lora_weights=False))
+        decoder = trainer.model.get_base_model().base_model
+        if shared:
+            enable(decoder, min_tokens=1)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        results[shared] = (loss.item(), grads, getattr(decoder, "shared_prefix_tokens", None))
+    n = shared_prefix_length(batch["input_ids"], batch["attention_mask"])
+    assert n >= 4 and results[True][2] == n and results[False][2] is None  # the shared path ran, on the prefix
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_shared_prefix_length_stops_at_padding_and_leaves_a_position():
+    import torch
+
+    from train.shared_prefix import shared_prefix_length
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 0], [5, 6, 7, 8, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    assert shared_prefix_length(ids, mask) == 3
+    same = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    assert shared_prefix_length(same, torch.ones_like(same)) == 2  # one position left for the rest pass
+    left_padded = torch.tensor([[0, 5, 6], [5, 6, 7]])
+    assert shared_prefix_length(left_padded, torch.tensor([[0, 1, 1], [1, 1, 1]])) == 0
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_checkpoint(tiny_model_dir, toy_data, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, toy_data, tmp_path / "out", max_steps=40,

@@ -64,6 +64,9 @@ class ScriptArguments:
                 "the backward pass then stops N layers down, which makes steps faster"})
     compact_lm_head: bool = field(default=True, metadata={
         "help": "on CPU, run the LM head only where labels are (the assistant's tokens), as TRL does on CUDA"})
+    shared_prefix: bool = field(default=False, metadata={
+        "help": "compute the prompt prefix every example of a batch shares (the system message) once per batch "
+                "instead of once per example: the same loss and gradients, less work (train/shared_prefix.py)"})
 
 
 # ----------------------------------------------------------------------------- checks before loading
@@ -172,6 +175,11 @@ def build_trainer(script, training, model_args, model, tokenizer, train_rows, va
     trainer = SFTTrainer(model=model, args=training, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(valid_rows) if valid_rows else None,
                          processing_class=tokenizer, peft_config=peft_config)
+    if script.shared_prefix:
+        from train.shared_prefix import enable
+
+        inner = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        enable(inner.base_model)  # the decoder, which TRL's fused LM head calls for the hidden states
     if training.fp16:
         # TRL casts a quantized model's trainable parameters to bf16; fp16 mixed precision needs them fp32
         # (the GradScaler refuses bf16 gradients). The optimizer is built in train(), after this.
