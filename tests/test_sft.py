@@ -172,23 +172,37 @@ def test_saved_template_renders_like_the_models_own(trained, tiny_model_dir):
                 base.apply_chat_template(msgs, add_generation_prompt=gen)["input_ids"]
 
 
-def test_only_assistant_tokens_carry_labels(tiny_model_dir, toy_data, tmp_path):
-    """The collated batch of a rendered example: labels only on the reply and its end-of-turn."""
-    from datasets import Dataset
+def tiny_parts(tiny_model_dir, toy_data, n_rows: int, varied: bool = False):
+    """The tiny model's tokenizer with its training template, the first ``n_rows`` toy rows (the second
+    one's question made longer when ``varied``, so that a padded batch pads) and the model arguments
+    load_model reads."""
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
-    from train.sft import load_chat_jsonl, load_model, resolve_chat_template
+    from train.sft import load_chat_jsonl, resolve_chat_template
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = resolve_chat_template(tok, None)
+    rows = load_chat_jsonl(str(toy_data / "train.jsonl"), "train_file")[:n_rows]
+    if varied:
+        rows[1]["messages"][1]["content"] = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"
+    model_args = type("M", (), {"dtype": "float32", "load_in_4bit": False, "load_in_8bit": False,
+                                "model_name_or_path": str(tiny_model_dir), "model_revision": "main",
+                                "attn_implementation": "sdpa"})()
+    return tok, rows, model_args
+
+
+def test_only_assistant_tokens_carry_labels(tiny_model_dir, toy_data, tmp_path):
+    """The collated batch of a rendered example: labels only on the reply and its end-of-turn."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from train.sft import load_model
+
+    tok, rows, model_args = tiny_parts(tiny_model_dir, toy_data, 2)
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, assistant_only_loss=True,
                      max_length=64, report_to="none")
-    rows = load_chat_jsonl(str(toy_data / "train.jsonl"), "train_file")[:2]
-    trainer = SFTTrainer(model=load_model(type("M", (), {"dtype": "float32", "load_in_4bit": False,
-                                                         "load_in_8bit": False, "model_name_or_path": str(tiny_model_dir),
-                                                         "model_revision": "main", "attn_implementation": "sdpa"})(), args),
-                         args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer = SFTTrainer(model=load_model(model_args, args), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     trained_tokens = [tok.convert_ids_to_tokens(i) for i, l in zip(ids, labels) if l != -100]
@@ -201,18 +215,11 @@ def test_padding_free_batch_has_the_padded_batchs_loss(tiny_model_dir, toy_data,
     gradients are the padded batch's, while no padding token is computed."""
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from train.sft import load_chat_jsonl, load_model, resolve_chat_template
+    from train.sft import load_model
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = resolve_chat_template(tok, None)
-    rows = load_chat_jsonl(str(toy_data / "train.jsonl"), "train_file")[:3]
-    rows[1]["messages"][1]["content"] = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"  # lengths differ: the padded batch pads
-    model_args = type("M", (), {"dtype": "float32", "load_in_4bit": False, "load_in_8bit": False,
-                                "model_name_or_path": str(tiny_model_dir), "model_revision": "main",
-                                "attn_implementation": "sdpa"})()
+    tok, rows, model_args = tiny_parts(tiny_model_dir, toy_data, 3, varied=True)
     results = {}
     for padding_free in (False, True):
         args = SFTConfig(output_dir=str(tmp_path / str(padding_free)), use_cpu=True, bf16=False,
@@ -236,21 +243,13 @@ def test_shared_prefix_once_per_batch_gives_the_plain_batchs_loss_and_gradients(
     the batch; TRL's own loss (fused LM head) and the LoRA gradients must be those of the plain batch."""
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer
+    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     from train.shared_prefix import enable, shared_prefix_length
-    from train.sft import load_chat_jsonl, load_model, resolve_chat_template
+    from train.sft import load_model
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = resolve_chat_template(tok, None)
-    rows = load_chat_jsonl(str(toy_data / "train.jsonl"), "train_file")[:3]
-    rows[1]["messages"][1]["content"] = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"  # rows of other lengths: padding too
-    model_args = type("M", (), {"dtype": "float32", "load_in_4bit": False, "load_in_8bit": False,
-                                "model_name_or_path": str(tiny_model_dir), "model_revision": "main",
-                                "attn_implementation": "sdpa"})()
-    from peft import LoraConfig
-
+    tok, rows, model_args = tiny_parts(tiny_model_dir, toy_data, 3, varied=True)
     results = {}
     for shared in (False, True):
         args = SFTConfig(output_dir=str(tmp_path / str(shared)), use_cpu=True, bf16=False, assistant_only_loss=True,

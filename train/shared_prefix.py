@@ -45,14 +45,13 @@ def enable(decoder, min_tokens: int = 8) -> None:
                 inputs_embeds=None, use_cache=None, **kwargs):
         call = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
-        if (input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] < 2 or past_key_values is not None
-                or use_cache or position_ids is not None or inputs_embeds is not None
-                or (decoder.training and getattr(decoder, "gradient_checkpointing", False))):
-            decoder.shared_prefix_tokens = 0
-            return plain(**call, **kwargs)
-        n = shared_prefix_length(input_ids, attention_mask)
+        steps_aside = (input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] < 2
+                       or past_key_values is not None or use_cache or position_ids is not None
+                       or inputs_embeds is not None
+                       or (decoder.training and getattr(decoder, "gradient_checkpointing", False)))
+        n = 0 if steps_aside else shared_prefix_length(input_ids, attention_mask)
         decoder.shared_prefix_tokens = n if n >= min_tokens else 0  # what the last batch shared (tests, logs)
-        if n < min_tokens:
+        if not decoder.shared_prefix_tokens:
             return plain(**call, **kwargs)
         rows, width = input_ids.shape
         head = plain(input_ids=input_ids[:1, :n], use_cache=True, **kwargs)
