@@ -91,6 +91,43 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A randomly initialised 2-layer Llama with the tiny ChatML tokenizer, saved like a hub model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                      tie_word_embeddings=False, initializer_range=0.3)
+    # a large init range: LoRA leaves lm_head frozen, and with the default 0.02 its logits could
+    # never move far from uniform after the final RMSNorm
+    out = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+TOY = [("w1 w2", "yes"), ("w3 w4", "no"), ("w5 w6", "yes"), ("w7 w8", "no"), ("w9 w10", "yes"),
+       ("w11 w12", "no"), ("w13 w14", "yes"), ("w15 w16", "no")]
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """Chat JSONL of a yes/no toy task (train: the 8 pairs x 4, valid: the 8 pairs)."""
+    import json
+
+    d = tmp_path_factory.mktemp("toy_data")
+    rows = [{"messages": [{"role": "system", "content": "the"}, {"role": "user", "content": q},
+                          {"role": "assistant", "content": a}]} for q, a in TOY]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    (d / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
 # ---------------------------------------------------------------------------------------------
 # Serving: one real vLLM CPU server per test session, with a LoRA adapter from a real training run
 # of the demo's base model (SmolLM2-135M-Instruct, made by `make model`).

@@ -13,46 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, TOY
 
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--quiet", "--num_processes", "1",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-TOY = [("w1 w2", "yes"), ("w3 w4", "no"), ("w5 w6", "yes"), ("w7 w8", "no"), ("w9 w10", "yes"),
-       ("w11 w12", "no"), ("w13 w14", "yes"), ("w15 w16", "no")]
 
 
 def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    """A randomly initialised 2-layer Llama with the tiny ChatML tokenizer, saved like a hub model."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                      tie_word_embeddings=False, initializer_range=0.3)
-    # a large init range: LoRA leaves lm_head frozen, and with the default 0.02 its logits could
-    # never move far from uniform after the final RMSNorm
-    out = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def toy_data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("toy_data")
-    rows = [{"messages": [{"role": "system", "content": "the"}, {"role": "user", "content": q},
-                          {"role": "assistant", "content": a}]} for q, a in TOY]
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
-    (d / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
 
 
 def write_config(path: Path, model: Path, data: Path, out: Path, **overrides) -> Path:
@@ -348,7 +316,7 @@ def test_cpu_bf16_is_kept_only_where_the_cpu_has_it(native_bf16, monkeypatch, ca
 
     script, training, model = sft.parse(["--config", str(ROOT / "configs/banking77/sft_cpu.yaml")])
     assert training.bf16 and training.mixed_precision == "bf16"
-    monkeypatch.setattr(sft, "cpu_has_bf16", lambda: native_bf16)
+    monkeypatch.setattr("train.core.cpu_has_bf16", lambda: native_bf16)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert sft.check_config(script, training, model) == []
     assert training.bf16 is native_bf16

@@ -1,4 +1,4 @@
-"""The run directory's records of a train/sft.py run: metrics.jsonl (``RunLog``), the peak memory for
+"""The run directory's records of a training run (train/core.py): metrics.jsonl (``RunLog``), the peak memory for
 summary.json, loss.png / accuracy.png, and the last complete checkpoint to resume from."""
 
 from __future__ import annotations
@@ -43,7 +43,13 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def plot_metrics(run_dir: Path) -> list[str]:
+# (file, train key, eval key, y label) of train/sft.py's plots; each method script names its own
+SFT_PLOTS = (("loss.png", "loss", "eval_loss", "loss"),
+             ("accuracy.png", "mean_token_accuracy", "eval_mean_token_accuracy", "mean token accuracy"))
+
+
+def plot_metrics(run_dir: Path, panels=SFT_PLOTS) -> list[str]:
+    """One PNG per panel of metrics.jsonl's values, train as a line and evaluation as points."""
     # matplotlib's object API: no pyplot, so no backend switch (a notebook's stays as it is)
     from matplotlib.figure import Figure
 
@@ -52,9 +58,7 @@ def plot_metrics(run_dir: Path) -> list[str]:
         return []
     recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     written = []
-    for name, train_key, eval_key, ylabel in (("loss.png", "loss", "eval_loss", "loss"),
-                                              ("accuracy.png", "mean_token_accuracy", "eval_mean_token_accuracy",
-                                               "mean token accuracy")):
+    for name, train_key, eval_key, ylabel in panels:
         tr = [(r["step"], r[train_key]) for r in recs if train_key in r]
         ev = [(r["step"], r[eval_key]) for r in recs if eval_key in r]
         if not tr and not ev:

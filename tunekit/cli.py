@@ -5,6 +5,7 @@
     tunekit validate runs/banking77/data/train.jsonl
     tunekit stats runs/banking77/data/train.jsonl --epochs 3
     tunekit train configs/banking77/sft_cpu.yaml --max-steps 100       # accelerate launch train/sft.py
+    tunekit train configs/banking77/dpo_cpu.yaml                       # method: dpo -> train/dpo.py
     tunekit train configs/banking77/sft_t4.yaml --accelerate-config configs/accelerate/ddp.yaml
     tunekit serve --config configs/banking77/serve.yaml
     tunekit compare --config configs/banking77/compare.yaml --start-server
@@ -29,7 +30,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "build": ("data_prep.__main__", ["build"], "CSV/TSV/JSONL/Parquet -> chat JSONL train/valid split + report"),
     "validate": ("data_prep.__main__", ["validate"], "check chat JSONL against OpenAI's fine-tuning rules"),
     "stats": ("data_prep.__main__", ["stats"], "token counts, epochs and the OpenAI training cost of a file"),
-    "train": ("tunekit.cli", [], "LoRA/QLoRA fine-tuning: accelerate launch train/sft.py --config CONFIG"),
+    "train": ("tunekit.cli", [], "LoRA/QLoRA fine-tuning (sft or dpo): accelerate launch train/<method>.py --config CONFIG"),
     "merge": ("train.merge", [], "merge a LoRA adapter into its base model (one plain model folder)"),
     "hardware": ("train.hardware", [], "the GPU, its compute capability, driver and torch CUDA version"),
     "serve": ("serve.vllm_server", [], "vLLM's OpenAI-compatible server with the base model and adapters"),
@@ -43,29 +44,50 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "demo": ("tunekit.demo", [], "the whole workflow on the embedded example, from any directory (make demo)"),
 }
 
-SFT_SCRIPT = Path(__file__).resolve().parent.parent / "train" / "sft.py"
+TRAIN_DIR = Path(__file__).resolve().parent.parent / "train"
+SFT_SCRIPT = TRAIN_DIR / "sft.py"
+# a training config's `method:` key -> the script that trains it (train/core.py's METHODS)
+SCRIPTS = {"sft": SFT_SCRIPT, "dpo": TRAIN_DIR / "dpo.py"}
 # accelerate's flags for one process with no config file (they also silence its warnings)
 SINGLE_PROCESS = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+def script_for(config: str | Path, overrides: list[str] = ()) -> Path:
+    """The script of a training config: its ``method`` key (a ``--method`` flag wins), sft when it has none (or
+    when the file is missing: the script then says so)."""
+    from tunekit.config import read_yaml
+
+    method = (read_yaml(config).get("method") if Path(config).is_file() else None) or "sft"
+    for i, arg in enumerate(overrides):
+        if arg == "--method" and i + 1 < len(overrides):
+            method = overrides[i + 1]
+        elif arg.startswith("--method="):
+            method = arg.split("=", 1)[1]
+    if method not in SCRIPTS:
+        raise UserError(f"{config}: method: {method!r}; use one of {', '.join(SCRIPTS)} (train/<method>.py)")
+    return SCRIPTS[method]
+
+
 def accelerate_command(config: str | Path, overrides: list[str] = (), accelerate_config: str | None = None,
                        quiet: bool = True) -> list[str]:
-    """``accelerate launch [--config_file F | one process] train/sft.py --config CONFIG OVERRIDES``."""
+    """``accelerate launch [--config_file F | one process] train/<method>.py --config CONFIG OVERRIDES``, the
+    script picked by the config's ``method`` key (train/sft.py without one)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if quiet:
         launch.append("--quiet")
     launch += ["--config_file", accelerate_config] if accelerate_config else SINGLE_PROCESS
-    return [*launch, str(SFT_SCRIPT), "--config", str(config), *overrides]
+    return [*launch, str(script_for(config, overrides)), "--config", str(config), *overrides]
 
 
 def train(argv: list[str]) -> int:
     """tunekit train CONFIG [--accelerate-config FILE] [TRL/sft.py flags ...]"""
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: tunekit train CONFIG [--accelerate-config FILE] [overrides ...]\n\n"
-              "Runs `accelerate launch train/sft.py --config CONFIG [overrides]` from any directory: one process\n"
+              "Runs `accelerate launch train/<method>.py --config CONFIG [overrides]` from any directory, the\n"
+              "script picked by the config's `method:` key (sft: train/sft.py, the default; dpo: train/dpo.py); one process\n"
               "unless --accelerate-config names an accelerate config (configs/accelerate/ddp.yaml, fsdp.yaml).\n"
               "Overrides are the config's keys as flags (--max-steps 100, --learning-rate 5e-4); the full list:\n"
-              "  python train/sft.py --help")
+              "  python train/sft.py --help   (python train/dpo.py --help)")
         return 0
     import importlib.util
 
