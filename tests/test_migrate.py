@@ -22,7 +22,7 @@ from openai.types.fine_tuning import FineTuningJob
 
 from conftest import ROOT
 from test_finetune_api import KEY, Server, ft_model_dir, toy_files, wait_status  # noqa: F401 (fixtures)
-from train.jobs.migrate import hyperparameters_of, job_request, local_files, match_file
+from train.jobs.migrate import Files, Row, hyperparameters_of, job_request, local_files, match_file, order, plan
 from tunekit.errors import UserError
 
 TUNEKIT = Path(sys.executable).parent / "tunekit"
@@ -260,3 +260,56 @@ def test_refusals_before_any_request(tmp_path):
     assert proc.returncode == 2 and "--file missing.jsonl: no such file" in proc.stderr
     proc = migrate("migrate", "--from-base-url", url, "--max-retries", "0", cwd=tmp_path)
     assert proc.returncode == 2 and f"cannot reach {url}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def source_job(job_id: str, model: str = "gpt-4o-mini-2024-07-18", fine_tuned: str | None = None,
+               method: dict | None = None) -> FineTuningJob:
+    return FineTuningJob.model_validate({
+        "id": job_id, "object": "fine_tuning.job", "model": model, "created_at": 0, "status": "succeeded",
+        "training_file": f"file-{job_id}", "validation_file": None, "seed": 3, "result_files": [],
+        "organization_id": "org", "fine_tuned_model": fine_tuned, "finished_at": 1, "trained_tokens": 10,
+        "error": None, "hyperparameters": {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8},
+        "method": method or {"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8}}}})
+
+
+DPO = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2, "batch_size": 4,
+                                                  "learning_rate_multiplier": 0.5}}}
+
+
+def test_a_dpo_job_keeps_its_method_and_beta():
+    job = source_job("ftjob-dpo", method=DPO)
+    request = job_request(job, {"training_file": "file-new"})
+    assert request["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
+        "beta": 0.2, "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}}}
+    assert request["model"] == "gpt-4o-mini-2024-07-18"
+
+
+def test_a_job_on_an_ft_model_comes_after_its_parent_and_trains_on_the_migrated_model(tmp_path):
+    """A DPO job on top of a supervised fine-tune: ordered after the job that made its base; created only once
+    that job has succeeded on the target, then on the model the target made; a reinforcement job is skipped
+    with a note, never silently."""
+    sft = source_job("ftjob-sft", fine_tuned="ft:gpt-4o-mini-2024-07-18:org:a:111")
+    dpo = source_job("ftjob-dpo", model="ft:gpt-4o-mini-2024-07-18:org:a:111:ckpt-step-40", method=DPO)
+    rl = source_job("ftjob-rl", model="o4-mini-2025-04-16", method={"type": "reinforcement"})
+    assert [j.id for j in order([dpo, rl, sft])] == ["ftjob-sft", "ftjob-dpo", "ftjob-rl"]
+
+    class NoFiles(Files):
+        def get(self, file_id):
+            return tmp_path / file_id, "downloaded"
+
+    files = NoFiles(None, tmp_path, [], {}, dry_run=True)
+    rows = [Row(j) for j in order([dpo, rl, sft])]
+    plan(rows, {}, files)
+    assert [(r.action, r.new_status) for r in rows] == [("create", "would create"), ("skip", "waits"),
+                                                        ("skip", "not migrated")]
+    assert "run migrate again when that job has succeeded here" in rows[1].note
+    assert "reinforcement fine-tuning is not available locally" in rows[2].note
+
+    done = {"ftjob-sft": FineTuningJob.model_validate({**sft.model_dump(), "id": "ftjob-new",
+                                                       "fine_tuned_model": "ft:gpt-4o-mini-2024-07-18:personal::new"})}
+    rows = [Row(j) for j in order([dpo, sft])]
+    plan(rows, done, files)
+    assert [r.action for r in rows] == ["skip", "create"]
+    assert rows[1].model == "ft:gpt-4o-mini-2024-07-18:personal::new" and "checkpoint" in rows[1].note
+    assert job_request(dpo, {"training_file": "f"}, rows[1].model)["model"] == rows[1].model

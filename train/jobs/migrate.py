@@ -5,9 +5,12 @@
     tunekit jobs migrate --job ftjob-abc --file data/train.jsonl --to-base-url http://gpu-box:8100/v1
 
 OpenAI takes no new fine-tuning jobs after 6 January 2027. Each job is re-created with the same base
-model name (the local API maps OpenAI's names onto its own base model), the hyperparameters OpenAI
-resolved (n_epochs, batch_size, learning_rate_multiplier), suffix, seed and metadata, plus metadata
-``migrated_from`` = the OpenAI job id. Its training and validation files are downloaded from OpenAI
+model name (the local API maps OpenAI's names onto its own base model), the same method (supervised or
+dpo) with the hyperparameters OpenAI resolved (n_epochs, batch_size, learning_rate_multiplier, and a DPO
+job's beta), suffix, seed and metadata, plus metadata ``migrated_from`` = the OpenAI job id. A job
+trained on top of an ``ft:`` model (DPO after a supervised fine-tune) comes after the job that made it,
+and trains on the local model that job's copy made: once that copy has succeeded (until then it is
+listed as ``waits``; run migrate again). Reinforcement jobs are listed as not migrated, with a note. Its training and validation files are downloaded from OpenAI
 (into <jobs dir>/migrate/<file id>/); where OpenAI refuses the download (a 4xx: it may, for purpose
 fine-tune) the local copy named with ``--file PATH`` is used, matched by byte size and, among equal
 sizes, by filename (``--file file-abc=PATH`` names the OpenAI file outright). Uploads reuse ``create``'s
@@ -61,20 +64,34 @@ def add_flags(sp) -> None:
 # ----------------------------------------------------------------------------- the source jobs
 
 
+MIGRATED_METHODS = ("supervised", "dpo")  # the methods the local API trains
+KEYS = {"supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
+        "dpo": ("beta", "n_epochs", "batch_size", "learning_rate_multiplier")}
+
+
+def method_type(job) -> str:
+    return (job.method.type if job.method and job.method.type else None) or "supervised"
+
+
 def hyperparameters_of(job) -> dict:
-    """The job's hyperparameters as the source resolved them (method.supervised's, else the legacy field)."""
-    method = job.method
-    hp = method.supervised.hyperparameters if method and method.supervised else job.hyperparameters
+    """The job's hyperparameters as the source resolved them: its method's (method.supervised's or method.dpo's,
+    beta included), else the legacy top-level field of an older supervised job."""
+    kind = method_type(job)
+    section = getattr(job.method, kind, None) if job.method else None
+    hp = section.hyperparameters if section is not None else job.hyperparameters if kind == "supervised" else None
     out = {}
-    for key in ("n_epochs", "batch_size", "learning_rate_multiplier"):
+    for key in KEYS.get(kind, ()):
         value = getattr(hp, key, None) if hp is not None else None
         if value is not None:
             out[key] = value
     return out
 
 
-def method_type(job) -> str:
-    return (job.method.type if job.method and job.method.type else None) or "supervised"
+def parent_model(model: str) -> str | None:
+    """The fine-tuned model a job was trained on top of (a checkpoint's name without ``:ckpt-step-N``)."""
+    if not model.startswith("ft:"):
+        return None
+    return re.sub(r":ckpt-step-\d+$", "", model)
 
 
 def source_jobs(client, ids: list[str], status: str, limit: int | None) -> list:
@@ -217,13 +234,17 @@ class Row:
     action: str = "create"  # create | skip | needs --file
     note: str = ""
     files: dict = field(default_factory=dict)  # job field -> local path
+    model: str | None = None  # the local model to train on, for a job on top of an ft: model
     new_id: str = ""
     new_status: str = ""
 
 
-def job_request(job, file_ids: dict) -> dict:
-    kwargs = {"model": job.model, "training_file": file_ids["training_file"],
-              "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters_of(job)}},
+def job_request(job, file_ids: dict, model: str | None = None) -> dict:
+    """The local job's create request: the same method and hyperparameters; ``model`` replaces an ``ft:`` base
+    with the local model that the migrated parent job made."""
+    kind = method_type(job)
+    kwargs = {"model": model or job.model, "training_file": file_ids["training_file"],
+              "method": {"type": kind, kind: {"hyperparameters": hyperparameters_of(job)}},
               "metadata": {**(job.metadata or {}), "migrated_from": job.id}}
     if file_ids.get("validation_file"):
         kwargs["validation_file"] = file_ids["validation_file"]
@@ -235,7 +256,47 @@ def job_request(job, file_ids: dict) -> dict:
     return kwargs
 
 
+def order(jobs: list) -> list:
+    """Jobs on top of an ``ft:`` model after the job that made it (oldest first otherwise as given)."""
+    made = {j.fine_tuned_model: j for j in jobs if j.fine_tuned_model}
+    out: list = []
+
+    def visit(job, seen=()):
+        parent = made.get(parent_model(job.model) or "")
+        if parent is not None and parent not in out and parent.id not in seen:
+            visit(parent, (*seen, job.id))
+        if job not in out:
+            out.append(job)
+
+    for job in jobs:
+        visit(job)
+    return out
+
+
+def on_top_of(row: Row, done: dict, by_model: dict) -> None:
+    """A job trained on an ``ft:`` model: train on the local model its migrated parent made, or wait for it."""
+    parent_name = parent_model(row.job.model)
+    parent = by_model.get(parent_name)
+    if parent is None:
+        row.action, row.new_status = "skip", "not migrated"
+        row.note = (f"{row.job.id} trains on {row.job.model}, which no job of the source made that this run "
+                    f"sees; migrate that job too (--job ID or --status all), then run migrate again")
+        return
+    new = done.get(parent.id)
+    if new is None or new.status != "succeeded" or not new.fine_tuned_model:
+        row.action, row.new_status = "skip", "waits"
+        row.note = (f"{row.job.id} trains on {row.job.model}, made by {parent.id}, migrated "
+                    + (f"as {new.id} ({new.status})" if new else "in this run") + "; run migrate again when "
+                    "that job has succeeded here (tunekit jobs follow ID)")
+        return
+    row.model = new.fine_tuned_model
+    if row.job.model != parent_name:
+        row.note = (f"{row.job.id} trained on the checkpoint {row.job.model}; it trains here on the final model "
+                    f"{new.fine_tuned_model} of {new.id} (checkpoint steps differ between the two APIs)")
+
+
 def plan(rows: list[Row], done: dict, files: Files) -> None:
+    by_model = {r.job.fine_tuned_model: r.job for r in rows if r.job.fine_tuned_model}
     for row in rows:
         job = row.job
         if job.id in done:
@@ -243,10 +304,15 @@ def plan(rows: list[Row], done: dict, files: Files) -> None:
             row.action, row.new_id, row.new_status = "skip", new.id, new.status
             row.note = f"{job.id} was migrated before, as {new.id} ({new.status}); skipped"
             continue
-        if method_type(job) != "supervised":
+        if method_type(job) not in MIGRATED_METHODS:
             row.action, row.new_status = "skip", "not migrated"
-            row.note = f"{job.id}: {method_type(job)} fine-tuning is not available locally (supervised only); skipped"
+            row.note = (f"{job.id}: {method_type(job)} fine-tuning is not available locally (the local API trains "
+                        f"{' and '.join(MIGRATED_METHODS)}); skipped")
             continue
+        if parent_model(job.model):
+            on_top_of(row, done, by_model)
+            if row.action != "create":
+                continue
         if len({**(job.metadata or {}), "migrated_from": job.id}) > MAX_METADATA:
             row.action, row.new_status = "skip", "not migrated"
             row.note = (f"{job.id}: its metadata has {MAX_METADATA} keys, the most a job may have, and leaves no "
@@ -269,7 +335,7 @@ def create(row: Row, src_url: str, dst, folder: Path) -> None:
         if row.files.get(key):
             ids[key], reused = upload(dst, row.files[key], folder)
             print(f"{'reusing' if reused else 'uploaded'} {row.files[key]} as {ids[key]}")
-    kwargs = job_request(row.job, ids)
+    kwargs = job_request(row.job, ids, row.model)
     job = dst.fine_tuning.jobs.create(**kwargs)
     row.new_id, row.new_status = job.id, job.status
     write_record({"job_id": job.id, "backend": "local", "base_url": server_url(dst), "created_at": job.created_at,
@@ -318,7 +384,7 @@ def cmd_migrate(args) -> int:
         done = already_migrated(dst, folder)
     except Exception as e:
         raise explain(e, dst) from None
-    rows = [Row(job) for job in jobs]
+    rows = [Row(job) for job in order(jobs)]
     files = Files(src, folder, paths, named, args.dry_run)
     try:
         plan(rows, done, files)
