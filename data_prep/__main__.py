@@ -1,7 +1,8 @@
-"""data_prep: CSV / JSONL / Parquet in, validated chat JSONL out.
+"""data_prep: CSV / JSONL / Parquet in, validated chat (or DPO preference) JSONL out.
 
     python -m data_prep build --config configs/banking77/build.yaml
     python -m data_prep validate runs/demo/data/train.jsonl runs/demo/data/valid.jsonl
+    python -m data_prep validate prefs.jsonl --method dpo
     python -m data_prep stats runs/demo/data/train.jsonl --epochs 3
 
 Run ``python -m data_prep COMMAND --help`` for each command's options.
@@ -38,6 +39,20 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _method_of(path: str, method: str) -> str | None:
+    """The format to check ``path`` as; None when it cannot be read (validate_file says why)."""
+    from tunekit.errors import UserError
+
+    from .validate import detect_method
+
+    if method != "auto":
+        return method
+    try:
+        return detect_method(path)
+    except UserError:
+        return None
+
+
 def cmd_validate(args) -> int:
     from .validate import validate_file
 
@@ -46,11 +61,13 @@ def cmd_validate(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     bad = 0
     for f in args.files:
-        n, problems = validate_file(f, args.model, tokenizer, args.max_length)
+        method = _method_of(f, args.method)
+        n, problems = validate_file(f, args.model, tokenizer, args.max_length, method=method)
         for p in problems:
             print(p)
         bad += bool(problems)
-        print(f"{f}: {n} examples, {len(problems)} problem(s)" + ("" if problems else ": valid"),
+        checked = {"supervised": " (supervised format)", "dpo": " (DPO format)"}.get(method, "")
+        print(f"{f}: {n} examples{checked}, {len(problems)} problem(s)" + ("" if problems else ": valid"),
               file=sys.stderr)
     return 1 if bad else 0
 
@@ -95,18 +112,22 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true", default=False, help="no progress bar")
     b.set_defaults(func=cmd_build, config_flags=flags)
 
-    v = sub.add_parser("validate", help="check chat JSONL against OpenAI's rules (and a local model's)",
+    v = sub.add_parser("validate", help="check chat or DPO JSONL against OpenAI's rules (and a local model's)",
                        description="Exit status 0 when every file is valid, 1 when not. "
                                    "Problems print as FILE:LINE: code: message (line 0: the whole file).")
     v.add_argument("files", nargs="+", metavar="FILE.jsonl")
     v.add_argument("--model", default=DEFAULT_OPENAI_MODEL, help="OpenAI model (token limit, tokenizer)")
     v.add_argument("--tokenizer", help="local model/tokenizer folder: also check its chat template renders")
     v.add_argument("--max-length", dest="max_length", type=int, help="with --tokenizer: longest allowed example")
+    v.add_argument("--method", choices=("auto", "supervised", "dpo"), default="auto",
+                   help="file format: supervised ({messages}), dpo ({input, preferred_output, "
+                        "non_preferred_output}), or auto: from the first JSON object (default)")
     v.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("stats", help="token counts, epochs and the OpenAI training-cost estimate",
                        description="Token statistics per example, the default-epochs heuristic, the "
-                                   "estimated training cost and a histogram PNG.")
+                                   "estimated training cost and a histogram PNG. A DPO file is "
+                                   "recognised by its keys: prompt, preferred and non-preferred tokens.")
     s.add_argument("files", nargs="+", metavar="FILE.jsonl")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--model", default=DEFAULT_OPENAI_MODEL, help=f"OpenAI model (default {DEFAULT_OPENAI_MODEL})")

@@ -6,13 +6,21 @@
         --assistant "{{ review_rating | lookup({'1':'negative','5':'positive'}, 'neutral') }}" \\
         --dropna review_text --sample 1000 --valid-fraction 0.3 --seed 42
     python -m data_prep build --config configs/banking77_json/build.yaml   # derive + lookup_file
+    python -m data_prep build --input prefs.csv --out runs/prefs/data --method dpo \\
+        --user "{{ prompt }}" --chosen "{{ chosen }}" --rejected "{{ rejected }}"
 
 ``derive`` adds columns computed from each row (templates, in order, each seeing the ones before)
 that the other templates and ``stratify`` can use like the input's own, e.g. a main category looked
 up from the intent with ``lookup_file``; a row whose derived value fails is dropped as a
 ``template_error`` with the reason.
 
-Writes ``OUT/train.jsonl`` and ``OUT/valid.jsonl`` (OpenAI's chat format) and ``OUT/report.json``,
+``method: dpo`` writes OpenAI's DPO format instead (``preference.py``): the system and user templates
+make the prompt, ``chosen`` and ``rejected`` the preferred and non-preferred answers. Cleaning,
+dropna/fillna/keep, derive, sample, dedupe, max_tokens (prompt + the longer answer) and the split
+work as for chat; a row whose answers are empty or equal is dropped with that reason, and all pairs
+of one prompt land on the same side of the split.
+
+Writes ``OUT/train.jsonl`` and ``OUT/valid.jsonl`` (OpenAI's chat or DPO format) and ``OUT/report.json``,
 which accounts for every input row: ``rows_in == sum(rows_out) + sum(rows_dropped)``.
 Outputs appear together at the end or not at all.
 """
@@ -29,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from .clean import clean_text
+from .preference import count_tokens as count_pair
 from tunekit.constants import DEFAULT_OPENAI_MODEL
 from tunekit.errors import UserError
 from .sources import check_readable, detect_format, read_jsonl, read_tabular
@@ -49,6 +58,12 @@ class BuildConfig:
     user: str | None = field(default=None, metadata={
         "help": "Jinja2 template for the user message over the row's columns, e.g. 'Review: {{ review_text }}'"})
     assistant: str | None = field(default=None, metadata={"help": "Jinja2 template for the assistant answer"})
+    method: Literal["supervised", "dpo"] = field(default="supervised", metadata={
+        "help": "supervised: chat examples (user + assistant); dpo: OpenAI's preference pairs (user + chosen + "
+                "rejected)"})
+    chosen: str | None = field(default=None, metadata={"help": "with method dpo: template for the preferred answer"})
+    rejected: str | None = field(default=None, metadata={
+        "help": "with method dpo: template for the non-preferred answer"})
     derive: dict[str, str] = field(default_factory=dict, metadata={
         "help": "new columns from templates over each row, e.g. main_category=\"{{ category | "
                 "lookup_file('groups.yaml') }}\"; templates and stratify can use them"})
@@ -81,8 +96,19 @@ class BuildConfig:
             problems.append("input: required (the CSV, JSONL or Parquet file to read)")
         if not self.out:
             problems.append("out: required (the folder to write train.jsonl, valid.jsonl, report.json)")
-        if bool(self.user) != bool(self.assistant):
-            problems.append("user/assistant: give both templates, or neither for a JSONL of conversations")
+        if self.method == "dpo":
+            if not (self.user and self.chosen and self.rejected):
+                problems.append("method dpo: give the user, chosen and rejected templates (the prompt, the "
+                                "preferred and the non-preferred answer)")
+            if self.assistant:
+                problems.append("assistant: not used with method dpo; give chosen and rejected instead")
+        elif self.method == "supervised":
+            if bool(self.user) != bool(self.assistant):
+                problems.append("user/assistant: give both templates, or neither for a JSONL of conversations")
+            if self.chosen or self.rejected:
+                problems.append("chosen/rejected: only used with method: dpo (--method dpo)")
+        else:
+            problems.append(f"method: {self.method!r}; use supervised or dpo")
         if not 0 <= self.valid_fraction < 1:
             problems.append(f"valid_fraction: {self.valid_fraction} is not in [0, 1)")
         if self.sample is not None and self.sample < 1:
@@ -108,14 +134,15 @@ def _key(seed: int, text: str) -> bytes:
 
 
 def split(examples: list[dict], valid_fraction: float, seed: int, stratify: bool) -> tuple[list, list]:
-    """Seeded split by groups of identical examples, so exact duplicates never straddle it.
+    """Seeded split by groups (``ex["group"]``: identical examples, or DPO pairs of one prompt),
+    so exact duplicates never straddle it.
 
     With ``stratify``, each label's groups are split on their own, so both files keep the
     label proportions (to within one example per label).
     """
     groups: dict[str, list[dict]] = defaultdict(list)
     for ex in examples:
-        groups[ex["text"]].append(ex)
+        groups[ex["group"]].append(ex)
     strata: dict[str, list[str]] = defaultdict(list)
     for text, members in groups.items():
         strata[members[0]["label"] if stratify else ""].append(text)
@@ -129,8 +156,8 @@ def split(examples: list[dict], valid_fraction: float, seed: int, stratify: bool
                 valid_texts.add(t)
                 taken += len(groups[t])
     order = sorted(examples, key=lambda ex: ex["order"])
-    return ([ex for ex in order if ex["text"] not in valid_texts],
-            [ex for ex in order if ex["text"] in valid_texts])
+    return ([ex for ex in order if ex["group"] not in valid_texts],
+            [ex for ex in order if ex["group"] in valid_texts])
 
 
 def token_stats(counts: list[int]) -> dict:
@@ -162,6 +189,65 @@ def _messages_from_conversation(row: dict, cfg: BuildConfig, system_text: str | 
     return out
 
 
+def _render_record(cfg: BuildConfig, templates: dict, values: dict, row: dict, fix) -> dict:
+    """One row's output line: ``{"messages": [...]}`` or a DPO example. Raises RowError."""
+    system_text = render(templates["system"], values).strip() if "system" in templates else None
+    if "user" not in templates:   # a JSONL of conversations
+        messages = _messages_from_conversation(row, cfg, system_text)
+        for m in messages:
+            if m["role"] != "system" or system_text is None:
+                m["content"] = fix(m["content"])
+        return {"messages": messages}
+    messages = [] if not system_text else [{"role": "system", "content": system_text}]
+    messages.append({"role": "user", "content": render(templates["user"], values).strip()})
+
+    def answer(key: str) -> list[dict]:
+        return [{"role": "assistant", "content": render(templates[key], values).strip()}]
+
+    if cfg.method == "dpo":
+        return {"input": {"messages": messages}, "preferred_output": answer("chosen"),
+                "non_preferred_output": answer("rejected")}
+    return {"messages": messages + answer("assistant")}
+
+
+def _drop_reason(record: dict) -> tuple[str, str] | None:
+    """(reason, detail) when a rendered example cannot be kept."""
+    dpo = "input" in record
+    messages = record["input"]["messages"] if dpo else record["messages"]
+    empty = next((m["role"] for m in messages if not m["content"]), None)
+    if empty:
+        return f"empty_{empty}", f"the {empty} message is empty after rendering and cleaning"
+    if not dpo:
+        return None if any(m["role"] == "assistant" for m in messages) else ("no_assistant", "no assistant message")
+    chosen, rejected = record["preferred_output"][0]["content"], record["non_preferred_output"][0]["content"]
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text:
+            return f"empty_{name}", f"the {name} answer is empty after rendering and cleaning"
+    if chosen == rejected:
+        return "chosen_equals_rejected", f"chosen and rejected are both {chosen[:80]!r}; DPO learns nothing from it"
+    return None
+
+
+def _count(record: dict, counter: MessageCounter) -> int:
+    """An example's length for max_tokens and the report; for DPO, the prompt + the longer answer."""
+    if "input" not in record:
+        return counter.messages(record["messages"])
+    prompt, chosen, rejected = count_pair(record, counter)
+    return prompt + max(chosen, rejected)
+
+
+def _token_report(cfg: BuildConfig, counter: MessageCounter, train: list[dict], valid: list[dict]) -> dict:
+    tokens = {"model": cfg.model, "train": token_stats([ex["tokens"] for ex in train]),
+              "valid": token_stats([ex["tokens"] for ex in valid])}
+    if cfg.method != "dpo":
+        tokens["train_assistant"] = token_stats([counter.assistant(ex["record"]["messages"]) for ex in train])
+        return tokens
+    parts = [count_pair(ex["record"], counter) for ex in train]
+    for i, name in enumerate(("train_prompt", "train_chosen", "train_rejected")):
+        tokens[name] = token_stats([p[i] for p in parts])
+    return tokens
+
+
 def build(cfg: BuildConfig, progress: bool = True) -> dict:
     """Run the whole build; returns the report (also written to OUT/report.json)."""
     started = time.perf_counter()
@@ -177,7 +263,7 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
     for name, source in cfg.derive.items():
         derived[name], cols = compile_template(env, source, f"derive.{name}")
         needed.update(c for c in cols if c not in derived)
-    for role in ("system", "user", "assistant"):
+    for role in ("system", "user", "assistant", "chosen", "rejected"):
         source = getattr(cfg, role)
         if source:
             templates[role], cols = compile_template(env, source, role)
@@ -242,39 +328,29 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
                     values[name] = render(template, values).strip()
                 except RowError as e:
                     raise RowError(f"derive.{name}: {e}") from None
-            system_text = render(templates["system"], values).strip() if "system" in templates else None
-            if conversation_mode:
-                messages = _messages_from_conversation(row, cfg, system_text)
-                for m in messages:
-                    if m["role"] != "system" or system_text is None:
-                        m["content"] = fix(m["content"])
-            else:
-                messages = [] if not system_text else [{"role": "system", "content": system_text}]
-                messages.append({"role": "user", "content": render(templates["user"], values).strip()})
-                messages.append({"role": "assistant", "content": render(templates["assistant"], values).strip()})
+            record = _render_record(cfg, templates, values, row, fix)
         except RowError as e:
             drop("template_error", f"{where}: {e}")
             continue
-        empty = next((m["role"] for m in messages if not m["content"]), None)
-        if empty:
-            drop(f"empty_{empty}", f"{where}: the {empty} message is empty after rendering and cleaning")
+        problem = _drop_reason(record)
+        if problem:
+            drop(problem[0], f"{where}: {problem[1]}")
             continue
-        if not any(m["role"] == "assistant" for m in messages):
-            drop("no_assistant", f"{where}: no assistant message")
-            continue
-        n_tokens = counter.messages(messages)
+        n_tokens = _count(record, counter)
         if cfg.max_tokens and n_tokens > cfg.max_tokens:
             drop("over_max_tokens", f"{where}: {n_tokens} tokens > max_tokens {cfg.max_tokens}")
             continue
-        text = json.dumps(messages, ensure_ascii=False, sort_keys=True)
+        # the chat split key stays the messages' JSON, so existing splits do not move
+        text = json.dumps(record.get("messages", record), ensure_ascii=False, sort_keys=True)
+        group = json.dumps(record["input"]["messages"], ensure_ascii=False, sort_keys=True) if "input" in record else text
         if cfg.dedupe:
             if text in seen:
                 drop("duplicate", f"{where}: same example as an earlier row")
                 continue
             seen.add(text)
         label = values.get(cfg.stratify) if cfg.stratify else None
-        examples.append({"messages": messages, "tokens": n_tokens, "label": "" if label is None else str(label),
-                         "text": text, "order": _key(cfg.seed, f"{i}\x00{text}")})
+        examples.append({"record": record, "tokens": n_tokens, "label": "" if label is None else str(label),
+                         "text": text, "group": group, "order": _key(cfg.seed, f"{i}\x00{text}")})
 
     if not examples:
         reasons = ", ".join(f"{k}: {v}" for k, v in dropped.most_common())
@@ -289,10 +365,7 @@ def build(cfg: BuildConfig, progress: bool = True) -> dict:
         "rows_dropped": dict(sorted(dropped.items())),
         "drop_examples": dict(drop_examples),
         "duplicate_groups_kept": dup_groups,
-        "tokens": {"model": cfg.model,
-                   "train": token_stats([ex["tokens"] for ex in train]),
-                   "valid": token_stats([ex["tokens"] for ex in valid]),
-                   "train_assistant": token_stats([counter.assistant(ex["messages"]) for ex in train])},
+        "tokens": _token_report(cfg, counter, train, valid),
         "config": asdict(cfg),
     }
     if cfg.stratify:
@@ -320,7 +393,7 @@ def write_outputs(out: Path, files: dict[str, list[dict]], report: dict) -> None
             tmp_paths.append((tmp, out / name))
             with tmp.open("w", encoding="utf-8") as f:
                 for ex in rows:
-                    f.write(json.dumps({"messages": ex["messages"]}, ensure_ascii=False) + "\n")
+                    f.write(json.dumps(ex["record"], ensure_ascii=False) + "\n")
         tmp = out / f".report.json.tmp{os.getpid()}"
         tmp_paths.append((tmp, out / "report.json"))
         tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -3,10 +3,16 @@
     python -m data_prep stats runs/demo/data/train.jsonl
     python -m data_prep stats train.jsonl --model gpt-4o-mini-2024-07-18 --epochs 5 --json
     python -m data_prep stats train.jsonl --tokenizer .cache/models/smollm2-135m
+    python -m data_prep stats prefs.jsonl          # a DPO file: recognised by its keys
 
 Counts use o200k_base for gpt-4o models (offline, see ``tokens.py``), or a local tokenizer's chat
 template. Cost = billed tokens per epoch x epochs x price per 1M training tokens
 (``tunekit/prices.yaml``); billed tokens cap each example at 65,536, as OpenAI does.
+
+A DPO file (``preference.py``) reports prompt, preferred-output and non-preferred-output tokens.
+The rule used for its bill: each example is billed prompt + preferred + non-preferred tokens per
+epoch (the prompt once, both outputs), with no cap (an example over the limit is invalid anyway).
+Its tokens per example, the histogram and the limit count the prompt plus the longer output.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from tunekit.constants import DEFAULT_OPENAI_MODEL, PRICES_FILE
 from tunekit.config import read_yaml
 from tunekit.errors import UserError
 from .sources import check_readable, iter_jsonl
-from .validate import MAX_TOKENS_PER_EXAMPLE
+from .validate import MAX_TOKENS_PER_EXAMPLE, detect_method
 
 TARGET_EPOCHS, MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES = 3, 100, 25_000
 MIN_DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS = 1, 25
@@ -76,25 +82,81 @@ def count_tokens(conversations: list[list[dict]], model: str, tokenizer_path: st
     return [counter.messages(c) for c in conversations]
 
 
-def compute(path: Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer: str | None = None,
-            epochs: int | None = None, prices_file: Path = PRICES_FILE) -> dict:
-    conversations = load_examples(path)
-    counts = count_tokens(conversations, model, tokenizer)
-    n = len(counts)
+def preference_counts(examples: list[dict], model: str, tokenizer_path: str | None) -> list[tuple[int, int, int]]:
+    """(prompt, preferred, non-preferred) tokens per DPO example; with a local tokenizer, an output's
+    tokens are those its turn adds to the rendered prompt (generation prompt included)."""
+    from .preference import OUTPUTS, count_tokens as count_pair
+
+    if not tokenizer_path:
+        from .tokens import MessageCounter
+
+        counter = MessageCounter(model, expected_examples=len(examples))
+        return [count_pair(ex, counter) for ex in examples]
+    tok = load_tokenizer(tokenizer_path)
+
+    def length(messages, **kw) -> int:
+        return len(tok(tok.apply_chat_template(messages, tokenize=False, **kw), add_special_tokens=False)["input_ids"])
+
+    out = []
+    for ex in examples:
+        prompt = ex["input"]["messages"]
+        n = length(prompt, add_generation_prompt=True)
+        out.append((n, *(length(prompt + ex[key]) - n for key in OUTPUTS)))
+    return out
+
+
+def _billing(billed: int, n: int, model: str, tokenizer: str | None, epochs: int | None,
+             prices_file: Path) -> dict:
     n_epochs = epochs or default_epochs(n)
-    billed = sum(min(MAX_TOKENS_PER_EXAMPLE, c) for c in counts)
     price = None if tokenizer else training_price(model, prices_file)
     return {
-        "file": str(path), "tokenizer": tokenizer or model, "examples": n,
-        "tokens_per_example": token_stats(counts),
-        "messages_per_example": token_stats([len(c) for c in conversations]),
-        "over_limit": sum(c > MAX_TOKENS_PER_EXAMPLE for c in counts),
-        "limit": MAX_TOKENS_PER_EXAMPLE,
         "epochs": n_epochs, "epochs_source": "--epochs" if epochs else "default heuristic",
         "billed_tokens_per_epoch": billed,
         "billed_tokens_total": billed * n_epochs,
         "price_per_1m_training_tokens": price,
         "estimated_cost_usd": None if price is None else round(billed * n_epochs * price / 1e6, 4),
+    }
+
+
+def compute(path: Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer: str | None = None,
+            epochs: int | None = None, prices_file: Path = PRICES_FILE) -> dict:
+    """The statistics of a supervised or (recognised by its keys) a DPO file."""
+    if detect_method(path) == "dpo":
+        return compute_preference(path, model, tokenizer, epochs, prices_file)
+    conversations = load_examples(path)
+    counts = count_tokens(conversations, model, tokenizer)
+    billed = sum(min(MAX_TOKENS_PER_EXAMPLE, c) for c in counts)
+    return {
+        "file": str(path), "tokenizer": tokenizer or model, "examples": len(counts),
+        "tokens_per_example": token_stats(counts),
+        "messages_per_example": token_stats([len(c) for c in conversations]),
+        "over_limit": sum(c > MAX_TOKENS_PER_EXAMPLE for c in counts),
+        "limit": MAX_TOKENS_PER_EXAMPLE,
+        **_billing(billed, len(counts), model, tokenizer, epochs, prices_file),
+        "counts": counts,
+    }
+
+
+def compute_preference(path: Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer: str | None = None,
+                       epochs: int | None = None, prices_file: Path = PRICES_FILE) -> dict:
+    """A DPO file's statistics: ``counts`` (and the limit) are prompt + the longer output; the bill
+    is prompt + preferred + non-preferred per example and epoch (see the module docstring)."""
+    from .preference import load_preference_examples
+
+    examples = load_preference_examples(path)
+    triples = preference_counts(examples, model, tokenizer)
+    counts = [p + max(a, b) for p, a, b in triples]
+    return {
+        "file": str(path), "tokenizer": tokenizer or model, "method": "dpo", "examples": len(counts),
+        "tokens_per_example": token_stats(counts),
+        "prompt_tokens": token_stats([t[0] for t in triples]),
+        "preferred_tokens": token_stats([t[1] for t in triples]),
+        "non_preferred_tokens": token_stats([t[2] for t in triples]),
+        "messages_per_example": token_stats([len(ex["input"]["messages"]) for ex in examples]),
+        "over_limit": sum(c > MAX_TOKENS_PER_EXAMPLE for c in counts),
+        "limit": MAX_TOKENS_PER_EXAMPLE,
+        **_billing(sum(map(sum, triples)), len(counts), model, tokenizer, epochs, prices_file),
+        "billing_rule": "prompt + preferred + non-preferred tokens per example, per epoch",
         "counts": counts,
     }
 
@@ -124,13 +186,22 @@ def histogram(counts: list[int], out: Path, title: str, limit: int | None = None
 
 def format_text(s: dict) -> str:
     t = s["tokens_per_example"]
+    dpo = s.get("method") == "dpo"
     lines = [
-        f"{s['file']}: {s['examples']} examples, tokenizer {s['tokenizer']}",
-        f"  tokens/example  min {t['min']}  max {t['max']}  mean {t['mean']}  median {t['median']:.0f}  "
-        f"p5 {t['p5']:.0f}  p95 {t['p95']:.0f}  total {t['total']:,}",
+        f"{s['file']}: {s['examples']} examples" + (" (DPO preference pairs)" if dpo else "")
+        + f", tokenizer {s['tokenizer']}",
+        f"  tokens/example{' (prompt + longer output)' if dpo else ''}  min {t['min']}  max {t['max']}  "
+        f"mean {t['mean']}  median {t['median']:.0f}  p5 {t['p5']:.0f}  p95 {t['p95']:.0f}  total {t['total']:,}",
+    ]
+    if dpo:
+        lines += [f"  {name:<22}mean {s[key]['mean']}  max {s[key]['max']}  total {s[key]['total']:,}"
+                  for name, key in (("prompt tokens", "prompt_tokens"), ("preferred output", "preferred_tokens"),
+                                    ("non-preferred output", "non_preferred_tokens"))]
+    lines += [
         f"  over the {s['limit']:,}-token limit: {s['over_limit']}",
         f"  epochs: {s['epochs']} ({s['epochs_source']})",
-        f"  billed training tokens: {s['billed_tokens_per_epoch']:,} per epoch, {s['billed_tokens_total']:,} in all",
+        f"  billed training tokens: {s['billed_tokens_per_epoch']:,} per epoch, {s['billed_tokens_total']:,} in all"
+        + (f" ({s['billing_rule']})" if dpo else ""),
     ]
     if s["estimated_cost_usd"] is not None:
         lines.append(f"  estimated OpenAI training cost: ${s['estimated_cost_usd']:.2f} "

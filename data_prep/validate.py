@@ -1,10 +1,15 @@
-"""Check chat JSONL files against OpenAI's fine-tuning format rules and a local model's limits.
+"""Check fine-tuning JSONL files against OpenAI's format rules and a local model's limits.
 
     python -m data_prep validate runs/demo/data/train.jsonl runs/demo/data/valid.jsonl
     python -m data_prep validate train.jsonl --tokenizer .cache/models/smollm2-135m --max-length 512
+    python -m data_prep validate prefs.jsonl --method dpo
 
-The OpenAI rules are those of OpenAI's chat fine-tuning data-prep cookbook, plus ``weight`` (0 or 1,
-assistant messages only), at least 10 examples, and at most 65,536 tokens per example
+Two formats: supervised (``{"messages": [...]}`` per line) and DPO (``{"input": {"messages": [...]},
+"preferred_output": [...], "non_preferred_output": [...]}``, see ``preference.py``); ``--method auto``
+(the default) tells them apart by the file's first JSON object (:func:`detect_method`).
+
+The supervised rules are those of OpenAI's chat fine-tuning data-prep cookbook, plus ``weight``
+(0 or 1, assistant messages only), at least 10 examples, and at most 65,536 tokens per example
 (gpt-4o-mini). Each problem prints as ``FILE:LINE: code: message`` (line 0: the whole file).
 """
 
@@ -21,6 +26,16 @@ ALLOWED_KEYS = {"role", "content", "name", "function_call", "tool_calls", "tool_
 ALLOWED_ROLES = {"system", "user", "assistant", "function", "tool"}
 MIN_EXAMPLES = 10
 MAX_TOKENS_PER_EXAMPLE = 65_536
+METHODS = ("supervised", "dpo")
+DPO_KEYS = ("input", "preferred_output", "non_preferred_output")
+MISMATCH = {
+    ("supervised", "dpo"): 'this line is in the supervised format ({"messages": [...]}), not DPO '
+                           '({"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}); '
+                           "convert it, or check the file with --method supervised",
+    ("dpo", "supervised"): "this line is in the DPO (preference) format (input, preferred_output, "
+                           'non_preferred_output), not supervised ({"messages": [...]}); '
+                           "check the file with --method dpo, or convert it",
+}
 
 
 @dataclass
@@ -34,42 +49,121 @@ class Problem:
         return f"{self.file}:{self.line}: {self.code}: {self.message}"
 
 
+def check_messages(messages: list, prefix: str = "messages") -> list[tuple[str, str]]:
+    """The cookbook's checks for each message of a list (named ``prefix[i]``): [(code, message)]."""
+    out = []
+    for i, m in enumerate(messages):
+        where = f"{prefix}[{i}]"
+        if not isinstance(m, dict):
+            out.append(("message_data_type", f"{where} is not an object"))
+            continue
+        if "role" not in m or "content" not in m and "tool_calls" not in m:
+            out.append(("message_missing_key", f"{where} needs 'role' and 'content'"))
+        extra = sorted(set(m) - ALLOWED_KEYS)
+        if extra:
+            out.append(("message_unrecognized_key", f"{where} has unrecognised key(s) {', '.join(extra)}"))
+        if m.get("role") not in ALLOWED_ROLES:
+            out.append(("unrecognized_role", f"{where} role {m.get('role')!r} is not one of "
+                                             f"{', '.join(sorted(ALLOWED_ROLES))}"))
+        content = m.get("content")
+        if not (m.get("function_call") or m.get("tool_calls")) and (not content or not isinstance(content, str)):
+            out.append(("missing_content", f"{where} ({m.get('role')}) has no text content"))
+        if "weight" in m:
+            if m.get("role") != "assistant":
+                out.append(("weight_not_assistant", f"{where} has 'weight' but only assistant messages may"))
+            elif m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                out.append(("invalid_weight", f"{where} weight {m['weight']!r} must be 0 or 1"))
+    return out
+
+
 def check_example(ex) -> list[tuple[str, str]]:
-    """The cookbook's format checks for one parsed line: [(code, message)]."""
+    """The cookbook's format checks for one parsed supervised line: [(code, message)]."""
     if not isinstance(ex, dict):
         return [("data_type", f"expected a JSON object, got {type(ex).__name__}")]
     messages = ex.get("messages")
     if not messages or not isinstance(messages, list):
         return [("missing_messages_list", "no non-empty 'messages' list")]
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            out.append(("message_data_type", f"messages[{i}] is not an object"))
-            continue
-        if "role" not in m or "content" not in m and "tool_calls" not in m:
-            out.append(("message_missing_key", f"messages[{i}] needs 'role' and 'content'"))
-        extra = sorted(set(m) - ALLOWED_KEYS)
-        if extra:
-            out.append(("message_unrecognized_key", f"messages[{i}] has unrecognised key(s) {', '.join(extra)}"))
-        if m.get("role") not in ALLOWED_ROLES:
-            out.append(("unrecognized_role", f"messages[{i}] role {m.get('role')!r} is not one of "
-                                             f"{', '.join(sorted(ALLOWED_ROLES))}"))
-        content = m.get("content")
-        if not (m.get("function_call") or m.get("tool_calls")) and (not content or not isinstance(content, str)):
-            out.append(("missing_content", f"messages[{i}] ({m.get('role')}) has no text content"))
-        if "weight" in m:
-            if m.get("role") != "assistant":
-                out.append(("weight_not_assistant", f"messages[{i}] has 'weight' but only assistant messages may"))
-            elif m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
-                out.append(("invalid_weight", f"messages[{i}] weight {m['weight']!r} must be 0 or 1"))
+    out = check_messages(messages)
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
         out.append(("example_missing_assistant_message", "no assistant message to learn from"))
     return out
 
 
+def line_method(ex) -> str | None:
+    """The format one parsed line is in: "dpo", "supervised", or None when it looks like neither."""
+    if not isinstance(ex, dict):
+        return None
+    if any(k in ex for k in DPO_KEYS):
+        return "dpo"
+    return "supervised" if "messages" in ex else None
+
+
+def detect_method(path: str | Path) -> str:
+    """"dpo" when the file's first JSON object has an ``input`` / ``preferred_output`` /
+    ``non_preferred_output`` key, else "supervised". Missing, empty or binary files are a UserError."""
+    path = Path(path)
+    check_readable(path, "jsonl")
+    for _, ex, error in jsonl_lines(path):
+        if not error and isinstance(ex, dict):
+            return "dpo" if line_method(ex) == "dpo" else "supervised"
+    return "supervised"
+
+
+def too_many_tokens(tokens: int, model: str, what: str = "") -> list[tuple[str, str]]:
+    if tokens <= MAX_TOKENS_PER_EXAMPLE:
+        return []
+    return [("too_many_tokens", f"{tokens} tokens{what} > {MAX_TOKENS_PER_EXAMPLE} allowed for {model}; "
+                                "shorten or drop this example")]
+
+
+def local_model_problems(tokenizer, conversations: list[list[dict]], max_length: int | None,
+                         what: str = "") -> list[tuple[str, str]]:
+    """Render each conversation with the model's chat template; the longest must fit max_length."""
+    lengths = []
+    for messages in conversations:
+        try:
+            ids = tokenizer.apply_chat_template(messages, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        except Exception as e:  # the model's template rejects this conversation
+            return [("chat_template_error",
+                     f"the model's chat template fails on this example: {str(e).splitlines()[0]}")]
+        lengths.append(len(ids))
+    if max_length and max(lengths) > max_length:
+        return [("exceeds_max_length", f"{max(lengths)} tokens{what} > max_length {max_length}; "
+                                       "raise max_length or shorten the example")]
+    return []
+
+
+def _length_problems(ex: dict, method: str, counter, model: str, tokenizer, max_length) -> list[tuple[str, str]]:
+    if method == "dpo":
+        from .preference import conversations, preference_token_problems
+
+        found = preference_token_problems(ex, counter, model)
+        if tokenizer is not None:
+            found += local_model_problems(tokenizer, conversations(ex), max_length, " (prompt + longer output)")
+        return found
+    found = too_many_tokens(counter.messages(ex["messages"]), model)
+    if tokenizer is not None:
+        found += local_model_problems(tokenizer, [ex["messages"]], max_length)
+    return found
+
+
+def _resolve_method(method: str | None, path: Path) -> str:
+    if method in (None, "auto"):
+        return detect_method(path)
+    if method not in METHODS:
+        raise UserError(f"--method {method}: use auto, supervised or dpo")
+    return method
+
+
 def validate_file(path: str | Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer=None,
-                  max_length: int | None = None) -> tuple[int, list[Problem]]:
-    """Returns (number of examples, problems). ``tokenizer`` is a loaded HF tokenizer or None."""
+                  max_length: int | None = None, method: str | None = None) -> tuple[int, list[Problem]]:
+    """Returns (number of examples, problems). ``tokenizer`` is a loaded HF tokenizer or None.
+
+    ``method``: "supervised", "dpo", or None / "auto" for :func:`detect_method`'s choice. A line in
+    the other format is one ``format_mismatch`` problem, not a cascade of missing keys.
+    """
+    from .preference import check_preference_example
     from .tokens import MessageCounter
 
     path = Path(path)
@@ -80,6 +174,8 @@ def validate_file(path: str | Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer
     except UserError as e:
         code = "empty_file" if "empty" in str(e) else "not_found" if "not found" in str(e) else "unreadable"
         return 0, [Problem(name, 0, code, str(e).split(": ", 1)[-1])]
+    method = _resolve_method(method, path)
+    check = check_preference_example if method == "dpo" else check_example
     counter = MessageCounter(model)
     n = 0
     for lineno, ex, error in jsonl_lines(path):
@@ -88,29 +184,12 @@ def validate_file(path: str | Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer
             problems.append(Problem(name, lineno, code, error))
             continue
         n += 1
-        found = check_example(ex)
+        other = line_method(ex)
+        found = [("format_mismatch", MISMATCH[other, method])] if other not in (None, method) else check(ex)
+        if not found:
+            found = _length_problems(ex, method, counter, model, tokenizer, max_length)
         problems += [Problem(name, lineno, c, m) for c, m in found]
-        if found:
-            continue
-        tokens = counter.messages(ex["messages"])
-        if tokens > MAX_TOKENS_PER_EXAMPLE:
-            problems.append(Problem(name, lineno, "too_many_tokens",
-                                    f"{tokens} tokens > {MAX_TOKENS_PER_EXAMPLE} allowed for {model}; "
-                                    "shorten or drop this example"))
-        if tokenizer is not None:
-            try:
-                ids = tokenizer.apply_chat_template(ex["messages"], tokenize=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            except Exception as e:  # the model's template rejects this conversation
-                problems.append(Problem(name, lineno, "chat_template_error",
-                                        f"the model's chat template fails on this example: {str(e).splitlines()[0]}"))
-                continue
-            if max_length and len(ids) > max_length:
-                problems.append(Problem(name, lineno, "exceeds_max_length",
-                                        f"{len(ids)} tokens > max_length {max_length}; "
-                                        "raise max_length or shorten the example"))
     if n < MIN_EXAMPLES:
         problems.append(Problem(name, 0, "too_few_examples",
                                 f"{n} examples; OpenAI needs at least {MIN_EXAMPLES}"))
     return n, problems
-
