@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from train.hardware import cpu_flags  # noqa: E402
 OUT = ROOT / "runs/dpo_use_case"
 TUNEKIT = [sys.executable, "-m", "tunekit"]
 MODEL = ROOT / ".cache/models/SmolLM2-135M-Instruct"
@@ -107,15 +109,6 @@ def evaluate(adapter: Path | None, pairs: list[dict]) -> dict:
             right += category(tok.decode(ids, skip_special_tokens=True)) == category(p["preferred_output"][0]["content"])
     return {"preference_accuracy": round(ranked / len(pairs), 4), "task_accuracy": round(right / len(pairs), 4),
             "eval_s": round(time.time() - started, 1)}
-
-
-def cpu_flags() -> list[str]:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    return sorted({f for f in flags.split(":")[1].split() if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni",
-                                                                     "amx_bf16", "amx_tile")})
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,14 @@
-"""GPU check of the T4 training path: train/sft.py's T4 profile on any NVIDIA GPU, emulating a T4.
+"""GPU check of the T4 training path: train/sft.py's and train/dpo.py's T4 profiles on any NVIDIA GPU, emulating a T4.
 
-    python bench/gpu_check.py --out results/      # ~5-8 min, no network; exit 0 = everything that ran passed
-    python bench/gpu_check.py --skip-stock --skip-serve --steps 10       # the quickest useful run
+    python bench/gpu_check.py --out results/      # no network; exit 0 = everything that ran passed
+    python bench/gpu_check.py --skip-serve --steps 10 --out results/     # all four training runs (~10 min budget)
+    python bench/gpu_check.py --skip-stock --skip-serve --skip-dpo --steps 10       # the quickest useful run
+
+How long the default run takes (20 steps a run, all four training runs, vLLM): not yet measured on a GPU.
+Before the DPO legs this docstring gave ~5-8 min; each DPO leg adds a child process, a 4-bit load of the
+model and its steps (ours: 32 pairs a step, 8 x 4 accumulated; stock: 8 pairs a step). The
+``--skip-serve --steps 10`` line is the one meant for a ~10 minute device budget on an H100: also not yet
+measured on a GPU.
 
 Stages, one printed line each (every figure goes to the JSON of ``--out``, a .json path or a folder;
 the runs' logs to gpu_check_logs/ beside it):
@@ -13,9 +20,20 @@ the runs' logs to gpu_check_logs/ beside it):
      with a ChatML template, 700 random chats of 66-149 tokens.
   4. ours: train/sft.py with configs/banking77/sft_t4.yaml: finite losses, fp32 trainable parameters
      (model, optimizer, summary.json), no bf16, fp16 mixed precision, SDPA, 4-bit layers.
+  4b. ours, DPO: train/dpo.py with configs/banking77/dpo_t4.yaml on 700 preference pairs (OpenAI's DPO
+     JSONL) made from the chats: prompt = the chat without its answer, preferred = that answer,
+     non-preferred = another chat's answer. The checks of 4, plus a finite reward margin
+     (metrics.jsonl's rewards/margins) at every logged step.
   5. stock: TRL's defaults plus fp16 (QLoRA r16 all-linear, batch 16, no accumulation); tokens/s and
      peak GPU memory of both side by side (out of memory there is a finding, not a failure).
-  6. vLLM where importable: the adapter on the fp16 base under the cap, one chat request, the backend.
+  5b. stock, DPO: TRL's DPOConfig defaults plus fp16 with the same QLoRA (what `trl dpo` runs: batch 8, no
+     accumulation, gradient checkpointing on, which DPOConfig defaults to, beta 0.1 sigmoid, learning rate
+     1e-6, max_length 1024), through train/dpo.py as 5 goes through train/sft.py; tokens/s and peak GPU
+     memory beside 4b's (out of memory a finding, not a failure). DPO tokens/s count TRL's num_tokens
+     (prompt + chosen and prompt + rejected), so compare them with each other, not with SFT's.
+  6. vLLM where importable: the adapter of 4 on the fp16 base under the cap, one chat request, the backend.
+All four training runs go through the same capped child process and probe (runpy of the script as
+__main__); ours run before the stock recipes. ``--skip-stock`` skips 5 and 5b, ``--skip-dpo`` 4b and 5b.
 
 Offline install (a GPU machine with torch, transformers, peft and accelerate, but no trl, bitsandbytes,
 vllm or network). On a Linux x86-64 machine with network, PY = the GPU machine's Python (e.g. 3.12):
@@ -25,7 +43,8 @@ vllm or network). On a Linux x86-64 machine with network, PY = the GPU machine's
         trl==1.16.0 bitsandbytes==0.50.2 datasets==5.2.0 pyarrow==26.0.1 pandas==3.1.1 \\
         python-dateutil==4.0.0 tzdata==2026.6 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0
 
-(trl 1.16 needs datasets, pandas, pyarrow besides what transformers/peft/accelerate bring; datasets
+(trl 1.16 covers DPO too: train/dpo.py needs nothing more than train/sft.py. trl 1.16 needs datasets,
+pandas, pyarrow besides what transformers/peft/accelerate bring; datasets
 needs dill, multiprocess, xxhash; pandas needs python-dateutil, which needs tzdata; versions as in
 requirements/constraints.txt. On the GPU machine this script names whatever is still missing.) Then:
 
@@ -68,6 +87,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 T4_PROFILE = ROOT / "configs/banking77/sft_t4.yaml"
+DPO_PROFILE = ROOT / "configs/banking77/dpo_t4.yaml"
+SFT_SCRIPT, DPO_SCRIPT = "train/sft.py", "train/dpo.py"
 CHATML = ROOT / "train/templates/smollm2.jinja"
 # Qwen2.5-1.5B-Instruct's config.json
 QWEN2_5_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -76,16 +97,17 @@ QWEN2_5_1_5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=
                     initializer_range=0.02, use_sliding_window=False)
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwxyz" for v in "aeiou"]
 WORDS = [a + b for a in SYLLABLES for b in SYLLABLES][::5]  # 2,000 made-up words, one token each
-# what trl 1.16 and sft.py need beyond torch, transformers, peft and accelerate
+# what trl 1.16, sft.py and dpo.py need beyond torch, transformers, peft and accelerate
 NEEDED = ["trl", "bitsandbytes", "datasets", "pyarrow", "pandas", "python-dateutil", "tzdata", "dill",
           "multiprocess", "xxhash", "fsspec", "psutil", "jinja2", "pyyaml"]
 
 # A training process: cap the CUDA allocator, answer torch.cuda.is_bf16_supported() as a T4 does (True
-# counting emulation, False for native bf16), record what the trainer trains in, run train/sft.py as
-# __main__, write the peak GPU memory. argv: cap_gib, stats_path, then sft.py's arguments.
+# counting emulation, False for native bf16), record what the trainer trains in (any transformers Trainer:
+# SFTTrainer, DPOTrainer), run the training script as __main__, write the peak GPU memory.
+# argv: cap_gib, stats_path, the script (train/sft.py, train/dpo.py), then the script's arguments.
 CHILD = r"""
 import collections, json, runpy, sys, torch
-cap_gib, stats_path, args = float(sys.argv[1]), sys.argv[2], sys.argv[3:]
+cap_gib, stats_path, script, args = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory))
 torch.cuda.is_bf16_supported = lambda including_emulation=True: including_emulation  # a T4's answers
 stats = {}
@@ -94,7 +116,7 @@ def dump():
                  max_memory_reserved_mb=round(torch.cuda.max_memory_reserved() / 2**20, 1))
     with open(stats_path, "w") as f:
         json.dump(stats, f)
-import trl
+import transformers
 from transformers import TrainerCallback
 class Probe(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
@@ -110,18 +132,20 @@ class Probe(TrainerCallback):
                                                 if type(m).__module__.startswith("bitsandbytes")
                                                 and getattr(m, "compute_dtype", None) is not None}))
         dump()
-train = trl.SFTTrainer.train
+train = transformers.Trainer.train  # neither TRL trainer overrides it
 def probed_train(self, *a, **k):
-    stats.update(mixed_precision=str(self.accelerator.mixed_precision),
+    stats.update(trainer=type(self).__name__, mixed_precision=str(self.accelerator.mixed_precision),
                  optim=str(getattr(self.args.optim, "value", self.args.optim)),
+                 batch_size=self.args.per_device_train_batch_size,
+                 gradient_accumulation_steps=self.args.gradient_accumulation_steps,
                  gradient_checkpointing=bool(self.args.gradient_checkpointing))
     self.add_callback(Probe())
     return train(self, *a, **k)
-trl.SFTTrainer.train = probed_train
-sys.argv = ["train/sft.py", *args]
+transformers.Trainer.train = probed_train
+sys.argv = [script, *args]
 code = 1
 try:
-    runpy.run_path("train/sft.py", run_name="__main__")
+    runpy.run_path(script, run_name="__main__")
     code = 0
 except SystemExit as e:
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -176,6 +200,21 @@ def make_conversations(n: int = 700, seed: int = 0) -> list[dict]:
                           {"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randint(12, 90)))},
                           {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=rng.randint(3, 8)))}]}
             for _ in range(n)]
+
+
+def make_preference_pairs(rows: list[dict], seed: int = 0) -> list[dict]:
+    """OpenAI's DPO JSONL rows from chats: prompt = the chat without its last (assistant) turn, preferred = that
+    turn, non-preferred = the answer of another, randomly chosen chat (never the same text)."""
+    rng = random.Random(seed)
+    pairs = []
+    for i, r in enumerate(rows):
+        answer = r["messages"][-1]
+        other = answer
+        while other["content"] == answer["content"]:
+            other = rows[(i + rng.randrange(1, len(rows))) % len(rows)]["messages"][-1]
+        pairs.append({"input": {"messages": r["messages"][:-1]}, "preferred_output": [dict(answer)],
+                      "non_preferred_output": [dict(other)]})
+    return pairs
 
 
 def chat_lengths(tok, rows: list[dict]) -> list[int]:
@@ -245,8 +284,26 @@ def train_configs(train_file: Path, model_dir: Path, work: Path, steps: int, bnb
     return ours, stock
 
 
-def run_sft(name: str, cfg: dict, work: Path, logs: Path, cap_gib: float, timeout: float = 300) -> dict:
-    """train/sft.py in a capped child process: exit code, summary.json, losses, the child's probe."""
+def dpo_configs(train_file: Path, model_dir: Path, work: Path, steps: int, bnb: bool) -> tuple[dict, dict]:
+    """dpo.py configs: ours = the T4 DPO profile as it is; stock = TRL's DPOConfig defaults plus what a T4 needs
+    (fp16, no bf16, float16, sdpa) and the same QLoRA r16 all-linear: batch 8, no accumulation, gradient
+    checkpointing (DPOConfig's default), learning rate 1e-6, max_length 1024, beta 0.1. Same model and pairs."""
+    profile = yaml.safe_load(DPO_PROFILE.read_text())
+    common = dict(train_file=str(train_file), valid_file=None, model_name_or_path=str(model_dir), max_steps=steps,
+                  eval_strategy="no", save_strategy="no", logging_steps=1, plots=False, report_to="none", seed=42)
+    ours = {**profile, **common, "output_dir": str(work / "ours-dpo")}
+    if not bnb:
+        ours.update(load_in_4bit=False, optim="adamw_torch")
+    stock = {k: profile[k] for k in ("method", "dtype", "attn_implementation", "use_peft", "lora_r",
+                                      "lora_target_modules")}
+    stock.update(common, output_dir=str(work / "stock-dpo"), fp16=True, bf16=False, load_in_4bit=bnb)
+    return ours, stock
+
+
+def run_training(script: str, name: str, cfg: dict, work: Path, logs: Path, cap_gib: float,
+                 timeout: float = 300) -> dict:
+    """``script`` (train/sft.py, train/dpo.py) in a capped child process: exit code, summary.json, losses, DPO
+    reward margins, the child's probe."""
     config, stats, log = work / f"{name}.yaml", work / f"{name}.stats.json", logs / f"{name}.log"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -254,7 +311,7 @@ def run_sft(name: str, cfg: dict, work: Path, logs: Path, cap_gib: float, timeou
     t0 = time.monotonic()
     with log.open("w") as f:
         try:
-            rc = subprocess.run([sys.executable, "-c", CHILD, str(cap_gib), str(stats), "--config", str(config)],
+            rc = subprocess.run([sys.executable, "-c", CHILD, str(cap_gib), str(stats), script, "--config", str(config)],
                                 cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -262,10 +319,12 @@ def run_sft(name: str, cfg: dict, work: Path, logs: Path, cap_gib: float, timeou
     metrics, summary = run_dir / "metrics.jsonl", run_dir / "summary.json"
     recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     text = log.read_text(errors="replace")
-    return {"rc": rc, "wall_s": round(time.monotonic() - t0, 1), "log": str(log), "run_dir": str(run_dir),
+    return {"script": script, "rc": rc, "wall_s": round(time.monotonic() - t0, 1), "log": str(log), "run_dir": str(run_dir),
             "summary": json.loads(summary.read_text()) if summary.exists() else {},
             "probe": json.loads(stats.read_text()) if stats.exists() else {},
-            "losses": [r["loss"] for r in recs if "loss" in r], "steady_tokens_per_s": steady_tokens_per_s(recs),
+            "losses": [r["loss"] for r in recs if "loss" in r],
+            "margins": [r["rewards/margins"] for r in recs if "rewards/margins" in r],
+            "steady_tokens_per_s": steady_tokens_per_s(recs),
             "oom": "OutOfMemoryError" in text or "CUDA out of memory" in text,
             "log_tail": text.splitlines()[-15:] if rc != 0 else []}
 
@@ -280,8 +339,8 @@ def steady_tokens_per_s(recs: list[dict], skip: int = 2) -> float | None:
     return round(tokens / seconds, 1) if seconds else None
 
 
-def run_checks(r: dict, steps: int, want_4bit: bool) -> list[tuple[str, bool, str]]:
-    """(check, passed, detail) for one training run."""
+def run_checks(r: dict, steps: int, want_4bit: bool, dpo: bool = False) -> list[tuple[str, bool, str]]:
+    """(check, passed, detail) for one training run; ``dpo``: also a finite reward margin at every logged step."""
     p, s, losses = r["probe"], r["summary"], r["losses"]
     dtypes = set(p.get("trainable_dtypes", {})) | set(p.get("optimizer_dtypes", []))
     dtypes |= {f"torch.{d}" for d in s.get("trainable_dtypes", [])}
@@ -296,6 +355,10 @@ def run_checks(r: dict, steps: int, want_4bit: bool) -> list[tuple[str, bool, st
               ("sdpa", p.get("attn_implementation") == "sdpa", str(p.get("attn_implementation")))]
     if want_4bit:
         checks.append(("4-bit", (p.get("bnb_4bit_layers") or 0) > 0, f"{p.get('bnb_4bit_layers')} bitsandbytes layers"))
+    if dpo:
+        margins = r.get("margins") or []
+        checks.append(("reward margin finite", bool(margins) and all(math.isfinite(x) for x in margins),
+                       f"{len(margins)} logged" + (f", {margins[0]:.4f} -> {margins[-1]:.4f}" if margins else "")))
     return checks
 
 
@@ -337,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench/results/gpu_check.json"),
                     help="the JSON of all figures, or a folder for gpu_check.json (logs: gpu_check_logs/ beside it)")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per training run (default 20)")
-    ap.add_argument("--skip-stock", action="store_true", help="do not train TRL's stock recipe (stage 5)")
+    ap.add_argument("--skip-stock", action="store_true", help="do not train TRL's stock recipes (stages 5 and 5b)")
+    ap.add_argument("--skip-dpo", action="store_true", help="do not train DPO, ours or stock (stages 4b and 5b)")
     ap.add_argument("--skip-serve", action="store_true", help="do not start vLLM (stage 6)")
     ap.add_argument("--memory-gib", type=float, default=15.0, help="GPU memory cap per process (a T4: 15 GiB)")
     args = ap.parse_args(argv)
@@ -371,17 +435,21 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     try:
         t0, model_dir, train_file = time.monotonic(), work / "qwen2.5-1.5b-random", work / "train.jsonl"
+        dpo_file = work / "dpo_train.jsonl"
         n_params, tok = build_model_dir(model_dir, "cuda")
         torch.cuda.empty_cache()
         rows = make_conversations(700)
         train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        pairs = make_preference_pairs(rows)
+        dpo_file.write_text("".join(json.dumps(r) + "\n" for r in pairs))
         lengths = chat_lengths(tok, rows)
         results["model"] = {"parameters": n_params, "dir": str(model_dir), "tokenizer_tokens": len(tok),
                             "conversations": len(rows), "tokens_min": min(lengths), "tokens_max": max(lengths),
-                            "tokens_mean": round(sum(lengths) / len(lengths), 1), "build_s": round(time.monotonic() - t0, 1)}
+                            "tokens_mean": round(sum(lengths) / len(lengths), 1), "preference_pairs": len(pairs),
+                            "build_s": round(time.monotonic() - t0, 1)}
         print(f"[3/6] model: random Qwen2 of Qwen2.5-1.5B's shape, {n_params:,} parameters, fp16; BPE tokenizer of "
-              f"{len(tok)} tokens, ChatML; {len(rows)} conversations of {min(lengths)}-{max(lengths)} tokens "
-              f"({results['model']['build_s']} s)", flush=True)
+              f"{len(tok)} tokens, ChatML; {len(rows)} conversations of {min(lengths)}-{max(lengths)} tokens, "
+              f"{len(pairs)} preference pairs from them ({results['model']['build_s']} s)", flush=True)
 
         missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
         if missing:
@@ -394,32 +462,46 @@ def main(argv: list[str] | None = None) -> int:
         if not bnb:
             print("bitsandbytes not importable: 16-bit LoRA instead of QLoRA", flush=True)
         ours, stock = train_configs(train_file, model_dir, work, args.steps, bnb)
+        dpo_ours, dpo_stock = dpo_configs(dpo_file, model_dir, work, args.steps, bnb)
         runs = results["runs"] = {}
-        r = runs["ours"] = run_sft("ours", ours, work, logs, args.memory_gib)
+        r = runs["ours"] = run_training(SFT_SCRIPT, "ours", ours, work, logs, args.memory_gib)
         found = run_checks(r, args.steps, want_4bit=bnb)
         checks += [{"name": f"ours: {n}", "ok": ok, "detail": d} for n, ok, d in found]
         print(f"[4/6] ours ({T4_PROFILE.name}, {'QLoRA nf4' if bnb else '16-bit LoRA'}, optim {r['probe'].get('optim')}): "
               + "; ".join(f"{n} {'ok' if ok else 'FAILED'} ({d})" for n, ok, d in found), flush=True)
         show_tail(r)
 
+        if args.skip_dpo:
+            print("[4b/6] ours, DPO: skipped (--skip-dpo)", flush=True)
+        else:
+            dpo_run = runs["ours-dpo"] = run_training(DPO_SCRIPT, "ours-dpo", dpo_ours, work, logs, args.memory_gib)
+            found = run_checks(dpo_run, args.steps, want_4bit=bnb, dpo=True)
+            checks += [{"name": f"ours DPO: {n}", "ok": ok, "detail": x} for n, ok, x in found]
+            print(f"[4b/6] ours, DPO ({DPO_PROFILE.name}, {'QLoRA nf4' if bnb else '16-bit LoRA'}, optim "
+                  f"{dpo_run['probe'].get('optim')}, beta {dpo_ours.get('beta')}): "
+                  + "; ".join(f"{n} {'ok' if ok else 'FAILED'} ({x})" for n, ok, x in found), flush=True)
+            show_tail(dpo_run)
+
         if args.skip_stock:
             print("[5/6] stock: skipped (--skip-stock)", flush=True)
         else:
-            s = runs["stock"] = run_sft("stock", stock, work, logs, args.memory_gib)
-            ok = s["rc"] == 0 and bool(s["losses"]) and all(math.isfinite(x) for x in s["losses"])
-            checks.append({"name": "stock: finished, losses finite", "ok": ok or s["oom"],
-                           "detail": f"rc {s['rc']}" + (f"; out of memory under {args.memory_gib} GiB" if s["oom"] else "")})
-            state = "ok" if ok else f"OUT OF MEMORY under {args.memory_gib} GiB" if s["oom"] else f"FAILED (rc {s['rc']})"
-            print(f"[5/6] stock (TRL defaults + fp16, optim {s['probe'].get('optim')}, gradient checkpointing "
-                  f"{s['probe'].get('gradient_checkpointing')}): {state}", flush=True)
-            show_tail(s)
-        print(f"      {'run':<6} {'tokens/s':>9} {'steady tok/s':>12} {'peak alloc GiB':>14} {'peak reserved GiB':>17} "
-              f"{'loss first -> last':>20}")
+            s = runs["stock"] = run_training(SFT_SCRIPT, "stock", stock, work, logs, args.memory_gib)
+            stock_check("stock", "[5/6] stock (TRL defaults + fp16", s, checks, args.memory_gib)
+        if args.skip_stock or args.skip_dpo:
+            print(f"[5b/6] stock, DPO: skipped ({'--skip-stock' if args.skip_stock else '--skip-dpo'})", flush=True)
+        else:
+            s = runs["stock-dpo"] = run_training(DPO_SCRIPT, "stock-dpo", dpo_stock, work, logs, args.memory_gib)
+            stock_check("stock DPO", "[5b/6] stock, DPO (TRL's DPOConfig defaults + fp16", s, checks, args.memory_gib,
+                        dpo=True)
+        print(f"      {'run':<9} {'tokens/s':>9} {'steady tok/s':>12} {'peak alloc GiB':>14} {'peak reserved GiB':>17} "
+              f"{'loss first -> last':>20} {'margin first -> last':>20}")
         for name, x in runs.items():
-            p, loss = x["probe"], f"{x['losses'][0]:.4f} -> {x['losses'][-1]:.4f}" if x["losses"] else "-"
-            print(f"      {name:<6} {x['summary'].get('tokens_per_s', '-')!s:>9} {x['steady_tokens_per_s'] or '-'!s:>12} "
+            p = x["probe"]
+            loss = f"{x['losses'][0]:.4f} -> {x['losses'][-1]:.4f}" if x["losses"] else "-"
+            margin = f"{x['margins'][0]:.4f} -> {x['margins'][-1]:.4f}" if x["margins"] else "-"
+            print(f"      {name:<9} {x['summary'].get('tokens_per_s', '-')!s:>9} {x['steady_tokens_per_s'] or '-'!s:>12} "
                   f"{p.get('max_memory_allocated_mb', 0) / 1024:>14.2f} {p.get('max_memory_reserved_mb', 0) / 1024:>17.2f} "
-                  f"{loss:>20}", flush=True)
+                  f"{loss:>20} {margin:>20}", flush=True)
 
         if args.skip_serve:
             print("[6/6] serving: skipped (--skip-serve)", flush=True)
@@ -439,6 +521,20 @@ def main(argv: list[str] | None = None) -> int:
         return finish(results, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def stock_check(name: str, label: str, s: dict, checks: list, cap_gib: float, dpo: bool = False) -> None:
+    """A stock recipe's one check and line: it finished with finite losses (and reward margins), or ran out of
+    memory under the cap, which is a finding about the recipe, not a failure."""
+    values = s["losses"] + (s["margins"] if dpo else [])
+    ok = (s["rc"] == 0 and bool(s["losses"]) and (bool(s["margins"]) or not dpo)
+          and all(math.isfinite(x) for x in values))
+    checks.append({"name": f"{name}: finished, losses{' and reward margins' if dpo else ''} finite", "ok": ok or s["oom"],
+                   "detail": f"rc {s['rc']}" + (f"; out of memory under {cap_gib} GiB" if s["oom"] else "")})
+    state = "ok" if ok else f"OUT OF MEMORY under {cap_gib} GiB" if s["oom"] else f"FAILED (rc {s['rc']})"
+    print(f"{label}, optim {s['probe'].get('optim')}, batch {s['probe'].get('batch_size')}, gradient checkpointing "
+          f"{s['probe'].get('gradient_checkpointing')}): {state}", flush=True)
+    show_tail(s)
 
 
 def show_tail(run: dict) -> None:

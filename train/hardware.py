@@ -6,6 +6,16 @@ import sys
 from pathlib import Path
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's vector flags that decide training speed here (for the figures' machine notes)."""
+    try:
+        line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return sorted(f for f in set(line.split(":", 1)[1].split()) if f in wanted)
+
+
 def cpu_has_bf16() -> bool:
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and
     far slower than fp32 (73x for one matmul on an AVX2-only EPYC: bench/cpu_kernels.py)."""
