@@ -1,4 +1,5 @@
-"""serve.compare's ROC AUC of the language models, from the top log-probabilities of the label's first token."""
+"""serve.compare's ROC AUC of the language models, from the top log-probabilities of the label's first token; and
+the preference accuracy against the session's real server (its fakes: test_compare_preference.py)."""
 
 from __future__ import annotations
 
@@ -188,3 +189,53 @@ def test_logprobs_give_the_language_models_a_roc_auc(vllm_server, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((out / "raw/finetuned.jsonl").read_text().splitlines()) == 8  # the scores were kept: nothing sent
     assert json.loads((out / "metrics.json").read_text())["models"][1]["roc_auc"] == by["finetuned"]["roc_auc"]
+
+
+@pytest.mark.slow
+def test_preference_accuracy_from_the_servers_log_probabilities(vllm_server, smol_adapter, tmp_path, monkeypatch):
+    """4 code-word pairs scored by the session's server, base and adapter: each answer's log-probability is
+    the one HF computes in-process over the same tokens (the answer and the end of turn after the rendered
+    prompt; vLLM's CPU dtype differs a little), so pairs rank as HF ranks them; the adapter trained on the
+    pairs' answers widens the margin."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import SMOL
+    from serve.client import load_backend
+    from serve.compare import CompareConfig
+    from serve.compare.preference import load_pairs, preference_summary, run_preferences
+
+    monkeypatch.setenv("TUNEKIT_API_KEY", vllm_server.api_key)
+    rows = [{"input": {"messages": chat_rows([(q, a)])[0]["messages"][:2]},
+             "preferred_output": [{"role": "assistant", "content": a}],
+             "non_preferred_output": [{"role": "assistant", "content": "BRAVO" if a == "ALPHA" else "ALPHA"}]}
+            for q, a in SMOL_TOY[:4]]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    pairs = load_pairs(tmp_path / "pairs.jsonl")
+    backend = load_backend(vllm_server.config)
+    cfg = CompareConfig(data="unused", concurrency=4)
+    models = {"base": backend.resolve("base"), "finetuned": backend.resolve("finetuned")}
+    results = asyncio.run(run_preferences(backend, cfg, models, pairs, tmp_path, resume=False))
+    by = {a: preference_summary(cfg, pairs, results[a]) for a in models}
+    assert by["base"]["preference_failed"] == by["finetuned"]["preference_failed"] == 0
+    assert by["finetuned"]["preference_margin"] > by["base"]["preference_margin"] + 1
+
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    base = AutoModelForCausalLM.from_pretrained(SMOL).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(SMOL), smol_adapter).eval()
+    for alias, model in (("base", base), ("finetuned", tuned)):
+        for pair in pairs:
+            hf = {}
+            for key, answer in (("preferred", pair.preferred), ("non_preferred", pair.non_preferred)):
+                p = tok.apply_chat_template(pair.messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+                full = tok.apply_chat_template([*pair.messages, {"role": "assistant", "content": answer}],
+                                               tokenize=True, return_dict=True)["input_ids"]
+                with torch.no_grad():
+                    logp = model(torch.tensor([full])).logits[0, :-1].float().log_softmax(-1)
+                hf[key] = float(sum(logp[i, full[i + 1]] for i in range(len(p) - 1, len(full) - 1)))
+                assert results[alias][pair.idx][key] == pytest.approx(hf[key], rel=0.05, abs=0.5), (alias, pair, key)
+            rec = results[alias][pair.idx]
+            if abs(hf["preferred"] - hf["non_preferred"]) > 1:  # the same ranking, but for near-ties (bf16 noise)
+                assert (rec["preferred"] > rec["non_preferred"]) == (hf["preferred"] > hf["non_preferred"])

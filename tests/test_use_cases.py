@@ -39,7 +39,7 @@ def test_the_demo_knows_every_use_case_with_a_description():
     from tunekit import demo
 
     cases = demo.use_cases()
-    assert set(cases) == {*USE_CASES, "banking77"} and demo.DEFAULT_USE_CASE == "banking77"
+    assert set(cases) == {*USE_CASES, "banking77", "banking77_dpo"} and demo.DEFAULT_USE_CASE == "banking77"
     for name in cases:
         case = demo.load_use_case(name)
         assert case.description and "\n" not in case.description
@@ -246,6 +246,79 @@ def test_demo_tiny_slice_and_running_server_flags(tmp_path, monkeypatch):
     assert compare[compare.index("--max-tokens") + 1] == "8"
 
 
+def test_dpo_demo_plans_sft_then_dpo_from_its_adapter_and_compares_all_three(tmp_path, monkeypatch, capsys):
+    """banking77_dpo: after SFT, the pairs are built and validated, train/dpo.py starts from the SFT stage's
+    output, and the comparison serves both adapters and scores the held-out pairs."""
+    from tunekit import demo
+    from tunekit.cli import script_for
+    from train.dpo import parse
+
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--use-case", "banking77_dpo", "--dry-run", "--dpo-steps", "7"]) == 0
+    out = capsys.readouterr().out
+    stages = [line[2:] for line in out.splitlines() if line.startswith("# ")]
+    assert stages[stages.index("train"):] == ["train", "build the preference pairs", "validate the pairs", "train dpo",
+                                              "compare"], out
+    assert "--max_steps 360 --eval_steps 360 " in out and "--max_steps 7 --eval_steps 7 " in out
+    case = demo.load_use_case("banking77_dpo")
+    assert (case.steps, case.dpo_steps, case.out, case.needs) == (360, 100, "runs/banking77_dpo", ["banking77"])
+    assert (tmp_path / "configs/banking77_dpo/README.md").is_file()
+
+    plan = dict(demo.steps(3, "banking77_dpo", train_rows=32, limit=8, dpo_steps=2))
+    o = "runs/banking77_dpo"
+    build = plan["build the preference pairs"]
+    assert build[build.index("--config") + 1] == "configs/banking77/build_dpo.yaml"
+    assert build[build.index("--out") + 1] == f"{o}/dpo_data"
+    assert build[build.index("--sample"):] == plan["build"][plan["build"].index("--sample"):]  # the same slice
+    assert plan["validate the pairs"][-3:] == ["dpo", f"{o}/dpo_data/train.jsonl", f"{o}/dpo_data/valid.jsonl"]
+    dpo = plan["train dpo"]
+    at = dpo.index("--config")
+    assert dpo[at - 1] == str(script_for(case.dpo)) and dpo[at - 1].endswith("train/dpo.py")
+    script, training, _ = parse(dpo[at:])  # train/dpo.py's own parser takes every flag
+    sft = plan["train"]
+    assert script.init_adapter == sft[sft.index("--output_dir") + 1] == f"{o}/sft"
+    assert (script.method, script.train_file, script.valid_file, training.output_dir, training.max_steps) == (
+        "dpo", f"{o}/dpo_data/train.jsonl", f"{o}/dpo_data/valid.jsonl", f"{o}/sft_dpo", 2)
+    compare = plan["compare"]
+    assert [compare[i + 1] for i, a in enumerate(compare) if a == "--adapter"] == [
+        f"finetuned={o}/sft", f"sft_dpo={o}/sft_dpo"]
+    assert compare[compare.index("--models") + 1] == "base,finetuned,sft_dpo"
+    assert compare[compare.index("--preference-data") + 1] == f"{o}/dpo_data/valid.jsonl"
+    assert compare[compare.index("--preference-limit") + 1] == "8" == compare[compare.index("--limit") + 1]
+
+    # against a running server: both adapters are loaded under the use case's names and compared
+    plan = demo.steps(3, "banking77_dpo", serve_config="s.yaml")
+    loads = [cmd[-3:] for stage, cmd in plan if stage.startswith("load the")]
+    assert loads == [["add", "banking77_dpo-ft", f"{o}/sft"], ["add", "banking77_dpo-dpo", f"{o}/sft_dpo"]]
+    compare = dict(plan)["compare"]
+    assert compare[compare.index("--models") + 1] == "base,banking77_dpo-ft,banking77_dpo-dpo"
+    assert "--start-server" not in compare and "--adapter" not in compare
+    # a second run against that server: each adapter of the first is removed before its new one is added
+    from types import SimpleNamespace
+
+    ran = []
+    monkeypatch.setattr(demo, "running_server", lambda config: (None, {"banking77_dpo-ft", "banking77_dpo-dpo"}))
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, env: ran.append(cmd) or SimpleNamespace(returncode=0))
+    assert demo.main(["--use-case", "banking77_dpo", "--serve-config", "s.yaml"]) == 0
+    adapters = [cmd[-3:] if cmd[-3] == "add" else cmd[-2:] for cmd in ran if "serve.adapters" in cmd]
+    assert adapters == [["remove", "banking77_dpo-ft"], ["add", "banking77_dpo-ft", f"{o}/sft"],
+                        ["remove", "banking77_dpo-dpo"], ["add", "banking77_dpo-dpo", f"{o}/sft_dpo"]]
+    assert "--model banking77_dpo-dpo 'Where is my card?'" in capsys.readouterr().out  # the closing hint
+
+    # --dpo-steps on a use case without DPO, and a dpo profile that is not one: one line each
+    from tunekit.errors import UserError
+
+    with pytest.raises(UserError, match="--dpo-steps: the use case sensors has no DPO stage"):
+        demo.main(["--use-case", "sensors", "--dry-run", "--dpo-steps", "5"])
+    (tmp_path / "configs/banking77_dpo/demo.yaml").write_text(
+        (tmp_path / "configs/banking77_dpo/demo.yaml").read_text().replace(
+            "dpo: configs/banking77/dpo_cpu.yaml", "dpo: configs/banking77/sft_cpu.yaml"))
+    with pytest.raises(UserError, match="dpo: configs/banking77/sft_cpu.yaml has no `method: dpo`"):
+        demo.steps(3, "banking77_dpo")
+    with pytest.raises(UserError, match="dpo and dpo_build: give both"):
+        demo.UseCase(description="x", build="b", sft="s", compare="c", dpo="d").check("demo.yaml")
+
+
 def test_demo_lists_use_cases_and_an_unknown_one_is_one_line(tmp_path):
     proc = subprocess.run([TUNEKIT, "demo", "--use-case", "list"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
@@ -256,8 +329,8 @@ def test_demo_lists_use_cases_and_an_unknown_one_is_one_line(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "error: --use-case nope: no such use case; use one of app_reviews, assistant, banking77, banking77_json, "
-        "imdb, sensors (tunekit demo --use-case list describes them)"]
+        "error: --use-case nope: no such use case; use one of app_reviews, assistant, banking77, banking77_dpo, "
+        "banking77_json, imdb, sensors (tunekit demo --use-case list describes them)"]
     assert not (tmp_path / "configs").exists()
 
 

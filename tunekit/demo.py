@@ -7,6 +7,8 @@
     tunekit demo --use-case imdb --train-rows 32 --steps 2 --limit 8        # a tiny slice, end to end
     tunekit demo --use-case sensors --serve-config my_serve.yaml            # a vLLM server already running
     tunekit demo --use-case sensors -- --lora_r 8 --learning_rate 5e-4      # after --: train/sft.py flags
+    tunekit demo --use-case banking77_dpo                                   # SFT, then DPO on top of it
+    tunekit demo --use-case banking77_dpo --steps 200 --dpo-steps 60        # shorter runs of both
     tunekit demo --dry-run                        # print the commands, run nothing
 
 Each use case is a folder of the examples with a ``demo.yaml`` (its build config, how the held-out set
@@ -14,6 +16,15 @@ is made, its training and comparison configs, default steps, one line of descrip
 data_prep build -> validate -> stats -> LoRA training (train/sft.py under accelerate) -> the vLLM
 server with the adapter -> comparison of base, fine-tuned and (label tasks) a TF-IDF baseline on the
 held-out set -> ``runs/<use case>/compare/report.md`` (the card demo: ``runs/demo/``).
+
+A use case with ``dpo`` (banking77_dpo) adds preference fine-tuning after the supervised stage: its
+``dpo_build`` config builds OpenAI DPO pairs (``{out}/dpo_data``, validated with ``--method dpo``), and
+train/dpo.py trains ``dpo_steps`` (``--dpo-steps``) on top of the supervised adapter, anchored to it
+(``--init_adapter {out}/sft`` -> ``{out}/sft_dpo``). The comparison then serves both adapters (base,
+``finetuned`` = SFT, ``sft_dpo`` = SFT + DPO) and also scores each model's preference accuracy on the
+held-out pairs (``--preference-data {out}/dpo_data/valid.jsonl``: how often the server's log-probability
+of the preferred answer beats the non-preferred one's, with a 95% CI). Flags after ``--`` go to the
+supervised stage only.
 
 With ``--serve-config`` no server is started: the adapter is trained on that server's base model
 (its ``server.model``, when a local folder), loaded into it as ``<use case>-ft`` (``tunekit adapters
@@ -66,6 +77,11 @@ class UseCase:
     needs: list[str] = field(default_factory=list, metadata={
         "help": "other example folders it reads (copied too), e.g. [banking77] for its data"})
     chat_example: str = field(default="Hello!", metadata={"help": "the question the closing hint suggests"})
+    dpo_build: str | None = field(default=None, metadata={
+        "help": "data_prep build config with method: dpo: preference pairs for the DPO stage (with dpo)"})
+    dpo: str | None = field(default=None, metadata={
+        "help": "train/dpo.py config (the CPU profile): DPO on top of the supervised adapter, a stage after it"})
+    dpo_steps: int = field(default=100, metadata={"help": "default DPO steps (with dpo)"})
 
     def out_dir(self, name: str) -> str:
         return self.out or f"runs/{name}"
@@ -75,6 +91,11 @@ class UseCase:
         problems = [f"{k}: required" for k in missing]
         if self.steps < 1:
             problems.append(f"steps: {self.steps} must be a positive number of training steps")
+        if self.dpo_steps < 1:
+            problems.append(f"dpo_steps: {self.dpo_steps} must be a positive number of DPO steps")
+        if bool(self.dpo) != bool(self.dpo_build):
+            problems.append("dpo and dpo_build: give both (the DPO profile and the build config of its pairs) or "
+                            "neither")
         if self.heldout_sample is not None and self.heldout == "valid":
             problems.append("heldout_sample: only with a held-out file (heldout: valid uses the whole split)")
         if problems:
@@ -156,10 +177,26 @@ def adapter_name(use_case: str) -> str:
     return f"{use_case}-ft"
 
 
+def dpo_adapter_name(use_case: str) -> str:
+    return f"{use_case}-dpo"
+
+
+def check_dpo_configs(case: UseCase) -> None:
+    """The DPO stage's configs say ``method: dpo`` (the pairs' format, and the script tunekit train picks)."""
+    problems = [f"{key}: {path} has no `method: dpo` (it must {what})"
+                for key, path, what in (("dpo_build", case.dpo_build, "build DPO pairs"),
+                                        ("dpo", case.dpo, "be a train/dpo.py profile"))
+                if read_yaml(path).get("method") != "dpo"]
+    if problems:
+        raise UserError("demo.yaml: " + "; ".join(problems))
+
+
 def steps(train_steps: int, use_case: str = DEFAULT_USE_CASE, *, train_rows: int | None = None,
           limit: int | None = None, serve_config: str | None = None, max_tokens: int | None = None,
-          train_model: str | None = None, train_args: list[str] = ()) -> list[tuple[str, list[str]]]:
-    """(name, command) for each stage of a use case, run from the working directory."""
+          train_model: str | None = None, train_args: list[str] = (),
+          dpo_steps: int | None = None) -> list[tuple[str, list[str]]]:
+    """(name, command) for each stage of a use case, run from the working directory; ``dpo_steps``: the DPO
+    stage's (default: the use case's), for use cases with ``dpo``."""
     from tunekit.cli import accelerate_command
 
     case, py = load_use_case(use_case), sys.executable
@@ -182,16 +219,39 @@ def steps(train_steps: int, use_case: str = DEFAULT_USE_CASE, *, train_rows: int
             "--output_dir", f"{out}/sft", "--max_steps", str(train_steps), "--eval_steps", str(train_steps),
             "--save_steps", "50", *(["--model_name_or_path", train_model] if train_model else []), *train_args])),
     ]
+    adapters = {"finetuned": f"{out}/sft"}  # the comparison's: alias (without --serve-config) -> run dir
+    if case.dpo:
+        check_dpo_configs(case)
+        dpo_steps = dpo_steps or case.dpo_steps
+        pairs = f"{out}/dpo_data"
+        plan += [
+            ("build the preference pairs", [py, "-m", "data_prep", "build", "--config", case.dpo_build, "--out", pairs,
+                                            *(train_slice(case.dpo_build, train_rows) if train_rows else [])]),
+            ("validate the pairs", [py, "-m", "data_prep", "validate", "--method", "dpo", f"{pairs}/train.jsonl",
+                                    f"{pairs}/valid.jsonl"]),
+            ("train dpo", accelerate_command(case.dpo, [
+                "--train_file", f"{pairs}/train.jsonl", "--valid_file", f"{pairs}/valid.jsonl",
+                "--init_adapter", f"{out}/sft", "--output_dir", f"{out}/sft_dpo", "--max_steps", str(dpo_steps),
+                "--eval_steps", str(dpo_steps), "--save_steps", "50",
+                *(["--model_name_or_path", train_model] if train_model else [])])),
+        ]
+        adapters["sft_dpo"] = f"{out}/sft_dpo"
     compare = [py, "-m", "serve.compare", "--config", case.compare, "--data", heldout,
                "--train-data", f"{out}/data/train.jsonl", "--out", f"{out}/compare"]
     if serve_config:
-        name = adapter_name(use_case)
+        names = {"finetuned": adapter_name(use_case), "sft_dpo": dpo_adapter_name(use_case)}
         max_tokens = max_tokens or answer_length(case.compare)  # the use case's, not that server's
-        plan.append(("load the adapter", [py, "-m", "serve.adapters", "--config", serve_config, "add", name,
-                                          f"{out}/sft"]))
-        compare += ["--serve-config", serve_config, "--models", f"base,{name}"]
+        for alias, run_dir in adapters.items():
+            stage = "load the adapter" if alias == "finetuned" else "load the DPO adapter"
+            plan.append((stage, [py, "-m", "serve.adapters", "--config", serve_config, "add", names[alias], run_dir]))
+        compare += ["--serve-config", serve_config, "--models", ",".join(["base", *(names[a] for a in adapters)])]
     else:
-        compare += ["--start-server", "--adapter", f"finetuned={out}/sft"]
+        compare += ["--start-server", *(arg for a, d in adapters.items() for arg in ("--adapter", f"{a}={d}"))]
+        if case.dpo:
+            compare += ["--models", ",".join(["base", *adapters])]
+    if case.dpo:
+        compare += ["--preference-data", f"{out}/dpo_data/valid.jsonl"]
+        compare += ["--preference-limit", str(limit)] if limit else []
     compare += ["--limit", str(limit)] if limit else []
     compare += ["--max-tokens", str(max_tokens)] if max_tokens else []
     plan.append(("compare", compare))
@@ -231,11 +291,14 @@ def parser() -> argparse.ArgumentParser:
                                 usage="tunekit demo [options] [-- train/sft.py flags ...]",
                                 epilog=epilog + "\n\nFlags after -- go to train/sft.py (TRL's keys: -- --lora_r 8 "
                                        "--learning_rate 5e-4).\nOutputs: runs/<use case>/{data,test,sft,compare} "
-                                       "(the default: runs/demo/); the report is runs/<use case>/compare/report.md.")
+                                       "(the default: runs/demo/; with DPO also dpo_data, sft_dpo); the report is "
+                                       "runs/<use case>/compare/report.md.")
     p.add_argument("--use-case", default=DEFAULT_USE_CASE, metavar="NAME",
                    help=f"the use case to run, or 'list' (default: {DEFAULT_USE_CASE}, the card intents)")
     p.add_argument("--steps", type=int, help="training steps (default: the use case's; 640 for the card demo, "
                                              "~12 min on 2 cores)")
+    p.add_argument("--dpo-steps", type=int, help="DPO steps, for use cases with a DPO stage (banking77_dpo; "
+                                                 "default: the use case's)")
     p.add_argument("--train-rows", type=int, metavar="N", help="train on a seeded sample of about N examples "
                                                                f"(at least {MIN_VALID} more go to valid.jsonl)")
     p.add_argument("--limit", type=int, metavar="N", help="compare on the first N held-out examples only")
@@ -255,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.use_case == "list":
         print(listing())
         return 0
-    for flag in ("steps", "train_rows", "limit", "max_tokens"):
+    for flag in ("steps", "dpo_steps", "train_rows", "limit", "max_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
@@ -265,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"copied {len(copied)} example files to {', '.join(f'configs/{f}/' for f in folders)} (edit them "
               "freely; they are not copied again)")
     case = load_use_case(args.use_case)
+    if args.dpo_steps and not case.dpo:
+        raise UserError(f"--dpo-steps: the use case {args.use_case} has no DPO stage (its demo.yaml sets no dpo); "
+                        "drop it, or use --use-case banking77_dpo")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     python = vllm_python(args.vllm_python)
     if python:
@@ -273,12 +339,13 @@ def main(argv: list[str] | None = None) -> int:
                             else (None, set()))
     plan = steps(args.steps or case.steps, args.use_case, train_rows=args.train_rows, limit=args.limit,
                  serve_config=args.serve_config, max_tokens=args.max_tokens, train_model=server_model,
-                 train_args=train_args)
+                 train_args=train_args, dpo_steps=args.dpo_steps)
     name = adapter_name(args.use_case)
-    if name in served:  # a second run against the same server: the new adapter replaces the old one
-        i = next(i for i, (stage, _) in enumerate(plan) if stage == "load the adapter")
-        plan.insert(i, ("unload the previous adapter", [sys.executable, "-m", "serve.adapters", "--config",
-                                                        args.serve_config, "remove", name]))
+    for i in reversed(range(len(plan))):  # a second run against the same server: new adapters replace the old
+        stage, cmd = plan[i]
+        if stage.startswith("load the") and cmd[-2] in served:
+            plan.insert(i, (f"unload the previous {'DPO ' if 'DPO' in stage else ''}adapter",
+                            [sys.executable, "-m", "serve.adapters", "--config", args.serve_config, "remove", cmd[-2]]))
     if not server_model and not Path(MODEL_DIR, "config.json").is_file():
         plan.insert(0, ("base model", [sys.executable, "-m", "train.prepare_model", "--out", MODEL_DIR]))
     if args.dry_run:
@@ -297,12 +364,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(plan)}] {stage}: done in {time.monotonic() - t0:.0f} s", flush=True)
     out = case.out_dir(args.use_case)
     if args.serve_config:
-        chat = f"tunekit chat --config {args.serve_config} --model {name} {shlex.quote(case.chat_example)}"
+        model = dpo_adapter_name(args.use_case) if case.dpo else name
+        chat = f"tunekit chat --config {args.serve_config} --model {model} {shlex.quote(case.chat_example)}"
     else:
         serve = read_yaml(case.compare).get("serve_config") or "configs/<use case>/serve.yaml"
         chat = f"tunekit serve --config {serve}, then tunekit chat --config {serve} {shlex.quote(case.chat_example)}"
-    print(f"\ndemo finished in {time.monotonic() - start:.0f} s: report {out}/compare/report.md, adapter "
-          f"{out}/sft; chat with it: {chat}")
+        if case.dpo:  # both adapters of this run, under the comparison's names
+            chat = (f"tunekit serve --config {serve} --adapter finetuned={out}/sft --adapter sft_dpo={out}/sft_dpo, "
+                    f"then tunekit chat --config {serve} --model sft_dpo {shlex.quote(case.chat_example)}")
+    adapters = f"adapters {out}/sft and {out}/sft_dpo (SFT + DPO)" if case.dpo else f"adapter {out}/sft"
+    print(f"\ndemo finished in {time.monotonic() - start:.0f} s: report {out}/compare/report.md, {adapters}; "
+          f"chat with it: {chat}")
     return 0
 
 

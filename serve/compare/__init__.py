@@ -27,6 +27,13 @@ What the fine-tune buys: the headline metric's delta of every model against the 
 held-out examples (``bootstrap`` resamples, ``seed``), beside the latency, token and cost deltas;
 and up to ``examples`` held-out examples where the second model beats the first, and the reverse.
 
+With ``preference_data`` (OpenAI's DPO JSONL, local backend): each model's **preference accuracy**,
+the share of pairs whose preferred answer gets a higher log-probability than the non-preferred one
+after the pair's prompt, read from the vLLM server (its /tokenize renders the prompt with the served
+chat template; /v1/completions with ``echo`` and ``logprobs`` scores the answer's tokens), with a 95%
+bootstrap CI, the mean margin, and each model's delta against the one before it in ``models``
+(``preference_limit``: the first N pairs); see preference.py.
+
 Per model: latency p50/p95, input/output tokens, and cost (OpenAI prices from tunekit/prices.yaml;
 local cost = the model's wall time x ``gpu_hour_usd``). Writes to ``out``: predictions.csv (system
 message, input, reference, each model's answer and score), metrics.json (with the deltas), report.md
@@ -37,13 +44,15 @@ was done and ``--resume`` sends only the rest.
 """
 
 # The package: cli (CompareConfig, main), data (held-out examples), scoring and tasks (the task
-# table), logprobs (class scores from log-probabilities), runner (concurrent requests, resume, judge),
+# table), logprobs (class scores from log-probabilities), preference (preference accuracy from the
+# server's log-probabilities), runner (concurrent requests, resume, judge),
 # baseline (TF-IDF), summary, findings (bootstrap deltas, before/after examples), report.
 from .baseline import BASELINE, baseline_summary, train_baseline
 from .cli import CompareConfig, main
 from .data import Example, load_examples
 from .findings import deltas, paired_bootstrap
 from .logprobs import class_scores, label_start
+from .preference import load_pairs, preference_summary, run_preferences
 from .report import plot, write_outputs, write_predictions, write_report
 from .runner import RawStore, ask, check_reachable, judge, run_requests
 from .scoring import extract_label, json_metrics, label_metrics, parse_json, rouge_l
@@ -52,6 +61,6 @@ from .tasks import TASKS, Task, fmt, row_score
 
 __all__ = ["BASELINE", "TASKS", "CompareConfig", "Example", "RawStore", "Task", "ask", "baseline_summary",
            "check_reachable", "class_scores", "deltas", "extract_label", "fmt", "inference_price", "json_metrics",
-           "judge", "label_metrics", "label_start", "load_examples", "main", "paired_bootstrap", "parse_json",
-           "percentile", "plot", "row_score", "rouge_l", "run_requests", "summarise", "train_baseline",
-           "write_outputs", "write_predictions", "write_report"]
+           "judge", "label_metrics", "label_start", "load_examples", "load_pairs", "main", "paired_bootstrap",
+           "parse_json", "percentile", "plot", "preference_summary", "row_score", "rouge_l", "run_preferences",
+           "run_requests", "summarise", "train_baseline", "write_outputs", "write_predictions", "write_report"]

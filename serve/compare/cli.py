@@ -18,7 +18,8 @@ from .baseline import baseline_summary, train_baseline
 from .data import load_examples
 from .findings import delta_line, deltas
 from .report import console_lines, write_outputs
-from .runner import answered, check_reachable, judge, run_requests
+from .preference import load_pairs, preference_deltas, preference_summary, run_preferences
+from .runner import RawStore, answered, check_reachable, judge, run_requests
 from .scoring import FORMAT_CHECKS
 from .summary import summarise
 from .tasks import TASKS, label_classes
@@ -60,6 +61,10 @@ class CompareConfig:
         "help": "report.md: up to N examples where the second model beats the first, and N the other way"})
     format_check: str | None = field(default=None, metadata={
         "help": f"text task: share of answers in a format ({' | '.join(FORMAT_CHECKS)})"})
+    preference_data: str | None = field(default=None, metadata={
+        "help": "OpenAI DPO JSONL: each model's preference accuracy (preferred answer's log-probability above the "
+                "non-preferred one's, read from the local vLLM server), its bootstrap CI and the mean margin"})
+    preference_limit: int | None = field(default=None, metadata={"help": "only the first N preference pairs"})
     reference_figures: list[str] = field(default_factory=list, metadata={
         "help": "report.md: figures measured elsewhere (e.g. a write-up's, on other splits), shown as context"})
     out: str = field(default="runs/compare", metadata={"help": "output folder"})
@@ -88,6 +93,13 @@ class CompareConfig:
             problems.append(f"format_check: {self.format_check!r}; use one of {', '.join(FORMAT_CHECKS)}")
         elif self.format_check is not None and self.task != "text":
             problems.append(f"format_check: applies to the text task only (task is {self.task!r}); drop it")
+        if self.preference_data and not Path(self.preference_data).is_file():
+            problems.append(f"preference_data: {self.preference_data} not found (OpenAI DPO JSONL, e.g. the valid.jsonl "
+                            "of `tunekit build` with method: dpo)")
+        if self.preference_limit is not None and self.preference_limit < 1:
+            problems.append(f"preference_limit: {self.preference_limit} must be at least 1 (null: every pair)")
+        elif self.preference_limit is not None and not self.preference_data:
+            problems.append("preference_limit: applies to preference_data, which is not set; drop it")
         if problems:
             raise UserError(f"{where}: " + "; ".join(problems))
 
@@ -100,7 +112,8 @@ def parser() -> argparse.ArgumentParser:
         "data": "FILE.jsonl", "serve_config": "FILE.yaml", "train_data": "FILE.jsonl", "json_fields": "FIELD",
         "models": "MODEL", "limit": "N", "concurrency": "N", "max_retries": "N", "timeout_s": "S",
         "max_tokens": "N", "gpu_hour_usd": "USD", "judge_model": "MODEL", "out": "DIR", "bootstrap": "N",
-        "seed": "N", "examples": "N", "format_check": "CHECK", "reference_figures": "TEXT"})
+        "seed": "N", "examples": "N", "format_check": "CHECK", "reference_figures": "TEXT",
+        "preference_data": "FILE.jsonl", "preference_limit": "N"})
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/raw and send the rest")
     p.add_argument("--start-server", action="store_true",
                    help="local backend: start the vLLM server of the serve config for this run, stop it after")
@@ -148,6 +161,10 @@ def main(argv=None) -> int:
                             "python -m serve.adapters add NAME RUN_DIR")
         backend.settings.server.adapters.update(parse_adapters(args.adapter))
     examples = load_examples(cfg.data, cfg.limit)
+    pairs = load_pairs(cfg.preference_data, cfg.preference_limit) if cfg.preference_data else None
+    if pairs and backend.name != "local":
+        raise UserError("preference_data: needs the local vLLM backend (the log-probabilities of a given answer come "
+                        "from its completions endpoint with echo); drop it for the openai backend")
     classes = label_classes(cfg, examples) if cfg.task == "label" else None
     models = {alias: backend.resolve(alias) for alias in cfg.models}
     out = Path(cfg.out)
@@ -157,7 +174,7 @@ def main(argv=None) -> int:
 
     server = start_server(backend) if args.start_server else None
     interrupted = False
-    judged = None
+    judged = preferences = None
     try:
         check_reachable(backend, list(models.values()))
         t0 = time.perf_counter()
@@ -167,6 +184,12 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             interrupted = True
             results = answered(out, models)
+        if pairs and not interrupted:  # while the server is up
+            try:
+                preferences = asyncio.run(run_preferences(backend, cfg, models, pairs, out, args.resume))
+            except KeyboardInterrupt:
+                interrupted = True
+                preferences = {a: RawStore(out, f"{a}.preference").load() for a in models}
         elapsed = time.perf_counter() - t0
         if task.judge and cfg.judge_model and len(models) >= 2 and not interrupted:  # while the server is up
             answers = {a: {i: r.get("answer") for i, r in results[a].items()} for a in models}
@@ -182,6 +205,9 @@ def main(argv=None) -> int:
     baseline = train_baseline(cfg, examples)
     summaries = [summarise(cfg, backend, alias, models[alias], examples, results[alias], classes)
                  for alias in models]
+    if preferences is not None:
+        for s in summaries:
+            s.update(preference_summary(cfg, pairs, preferences[s["alias"]]))
     if baseline:
         summaries.append(baseline_summary(cfg, examples, baseline))
     metrics = {"config": asdict(cfg), "backend": backend.name, "examples": len(examples),
@@ -190,11 +216,13 @@ def main(argv=None) -> int:
                "deltas": deltas(cfg, examples, results, baseline, summaries)}
     if judged is not None:
         metrics["judge"] = judged
+    if preferences is not None:
+        metrics["preference_deltas"] = preference_deltas(cfg, pairs, preferences)
     write_outputs(out, cfg, examples, results, baseline, metrics)
 
     for line in console_lines(cfg, summaries):
         print(line)
-    for d in metrics["deltas"]:
+    for d in metrics["deltas"] + metrics.get("preference_deltas", []):
         print(f"  {delta_line(d)}")
     print(f"report: {out / 'report.md'} (predictions: {out / 'predictions.csv'}; metrics.json, plots)")
     if interrupted:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from .baseline import BASELINE, baseline_score
 from .findings import delta_lines, example_lines
+from .preference import console_part
+from .preference import report_lines as preference_lines
 from .scoring import FORMAT_MEANING
 from .tasks import TASKS, Column, fmt, row_score
 
@@ -150,6 +152,7 @@ def write_report(out: Path, cfg: CompareConfig, metrics: dict, plots: list[str],
     lines += ["", "Failed requests (counted as wrong, listed in predictions.csv): "
               + (json.dumps(failures) if failures else "none") + "."]
     lines += delta_lines(metrics)
+    lines += preference_lines(cfg, metrics)
     if cfg.reference_figures:
         lines += ["", "## Figures from elsewhere", "",
                   "Measured on other data and splits (`reference_figures`): context beside the table above, "
@@ -178,5 +181,5 @@ def console_lines(cfg: CompareConfig, summaries: list[dict]) -> list[str]:
         failed = sum(s.get("failed", {}).values())
         extras = "".join(f", {name} {fmt(s.get(key))}" for name, key in task.also_printed)
         lines.append(f"{s['alias']:>16}: {task.headline} {fmt(s.get(task.headline))}{extras}"
-                     f", p50 {fmt(s.get('latency_p50_s'))} s, failed {failed}")
+                     f"{console_part(s)}, p50 {fmt(s.get('latency_p50_s'))} s, failed {failed}")
     return lines
