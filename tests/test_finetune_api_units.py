@@ -37,8 +37,11 @@ def cfg(tmp_path):
     sft = tmp_path / "sft.yaml"
     sft.write_text(f"model_name_or_path: {tmp_path / 'tiny-llama'}\nper_device_train_batch_size: 4\n"
                    "learning_rate: 0.001\n")
-    return FinetuneAPIConfig(data_dir=str(tmp_path / "data"), sft_config=str(sft), max_file_mb=0.05,
-                             omp_num_threads=1)
+    dpo = tmp_path / "dpo.yaml"
+    dpo.write_text(f"method: dpo\nmodel_name_or_path: {tmp_path / 'tiny-llama'}\nper_device_train_batch_size: 2\n"
+                   "learning_rate: 0.0005\nbeta: 0.1\n")
+    return FinetuneAPIConfig(data_dir=str(tmp_path / "data"), sft_config=str(sft), dpo_config=str(dpo),
+                             max_file_mb=0.05, omp_num_threads=1)
 
 
 @pytest.fixture
@@ -162,8 +165,8 @@ JOB_ERRORS = [  # (body changes, status, param, code, part of the message): Open
      "Invalid 'seed': integer below minimum value. Expected a value >= 0, but got -1 instead."),
     ({"seed": 2**31}, 400, "seed", "integer_above_max_value",
      "Expected a value <= 2147483647, but got 2147483648 instead."),
-    ({"method": {"type": "dpo"}}, 400, "method.type", "unsupported_value", "only 'supervised'"),
-    ({"method": {"type": "reinforcement"}}, 400, "method.type", "unsupported_value", "'reinforcement'"),
+    ({"method": {"type": "reinforcement"}}, 400, "method.type", "unsupported_value",
+     "'method.type' does not support 'reinforcement' on this server; 'supervised' and 'dpo' fine-tuning are available"),
     ({"method": {"type": "magic"}}, 400, "method.type", "invalid_value", "Supported values are: 'supervised'"),
     ({"method": {"supervised": {}}}, 400, "method.type", "missing_required_parameter", "'method.type'"),
     ({"method": "supervised"}, 400, "method", "invalid_type", "expected an object"),

@@ -1,5 +1,5 @@
-"""OpenAI's fine-tuning API, served locally: files and fine-tuning jobs that train with train/sft.py, and chat
-with the models they make, all on one port.
+"""OpenAI's fine-tuning API, served locally: files and fine-tuning jobs that train with train/sft.py
+(supervised) or train/dpo.py (DPO), and chat with the models they make, all on one port.
 
     python -m serve.finetune_api --config configs/banking77/finetune_api.yaml
     python -m serve.finetune_api --port 8100 --data-dir runs/finetune_api --sft-config configs/banking77/sft_cpu.yaml
@@ -10,20 +10,34 @@ the key below (OPENAI_API_KEY); nothing else in a fine-tuning script changes:
     client.files.create(file=open("train.jsonl", "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(training_file=..., validation_file=..., model="gpt-4o-mini-2024-07-18",
                                          hyperparameters={"n_epochs": 3}, suffix="bank", seed=42)
+    client.fine_tuning.jobs.create(training_file=<DPO JSONL>, model=job.fine_tuned_model,
+                                   method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}})
     client.fine_tuning.jobs.retrieve(job.id); client.fine_tuning.jobs.list_events(job.id)
+    client.fine_tuning.jobs.pause(job.id); client.fine_tuning.jobs.resume(job.id)
     client.chat.completions.create(model=job.fine_tuned_model, messages=[...], stream=True)
 
 Endpoints: /v1/files (upload, list, retrieve, content, delete), /v1/fine_tuning/jobs (create, list,
-retrieve, cancel, events, checkpoints), /v1/models (list, retrieve), /v1/chat/completions and
+retrieve, cancel, pause, resume, events, checkpoints), /v1/models (list, retrieve), /v1/chat/completions and
 /v1/completions (streaming too). Jobs run one per device at once (``devices``: each GPU, pinned with
 CUDA_VISIBLE_DEVICES, less vLLM's; one on a CPU; ``max_running``, ``queue_order``: ``slots.py``):
-validating_files -> queued -> running -> succeeded | failed | cancelled, each as ``accelerate launch
-train/sft.py`` on the profile that ``models:`` maps the requested OpenAI model to
-(``hyperparameters.py``: OpenAI's "auto" rules and what each value means locally). A succeeded job's
-``fine_tuned_model`` has OpenAI's shape ``ft:<model>:<organization>:<suffix>:<id>``: the adapter is
-recorded in runs/registry.json (the client's ``finetuned`` alias) and loaded into the vLLM server.
-State lives in SQLite under ``data_dir``: a restart loses no file or job, and a job that was running
-resumes from its last checkpoint.
+validating_files -> queued -> running -> succeeded | failed | cancelled (paused and back to queued on
+request), each as ``accelerate launch train/<sft|dpo>.py`` on a profile (``hyperparameters.py``: OpenAI's
+"auto" rules and what each value means locally). The methods, locally:
+
+- ``supervised`` (the default, and the deprecated top-level ``hyperparameters``): train/sft.py, TRL's
+  SFTTrainer with LoRA, on chat JSONL, with the profile that ``models:`` maps the requested OpenAI model to;
+- ``dpo``: train/dpo.py, TRL's DPOTrainer (sigmoid loss at ``beta``; the reference is the model with the
+  adapter disabled, or a frozen copy of the adapter it starts from), on OpenAI's DPO JSONL as uploaded,
+  with the ``dpo_config`` profile;
+- ``reinforcement``: refused (400 ``unsupported_value``).
+
+Either method may start from an ``ft:`` model this server made (a succeeded job's or a checkpoint's): the
+run trains on from that adapter, as OpenAI runs DPO on a supervised fine-tune. A succeeded job's
+``fine_tuned_model`` has OpenAI's shape ``ft:<model>:<organization>:<suffix>:<id>`` (``<model>`` the base
+snapshot): the adapter is recorded in runs/registry.json (the client's ``finetuned`` alias) and loaded into
+the vLLM server. Pause stops a running job's training at a new checkpoint; resume goes on from there.
+State lives in SQLite under ``data_dir``: a restart loses no file or job, a job that was running resumes
+from its last checkpoint, and a paused one stays paused.
 
 Chat: the models are the base model (by its OpenAI names and its own), every succeeded job's
 ``fine_tuned_model`` and every checkpoint's ``fine_tuned_model_checkpoint``; requests are forwarded to
@@ -44,8 +58,8 @@ it starts), ``routes`` (the FastAPI app), ``middleware`` (key check, request log
 ``models`` (request and response models), ``service`` (request logic), ``checks`` (request checks with
 OpenAI's codes), ``errors`` (``APIError``), ``hyperparameters`` (OpenAI's rules onto the local profile),
 ``integrations`` (wandb), ``validation`` (training files, OpenAI's codes), ``store`` (SQLite),
-``worker`` (the job queue and training processes), ``slots`` (its devices and queue order), ``metrics``
-(train/sft.py's output in OpenAI's shapes), ``proxy`` (the models and the forwarding of chat to vLLM).
+``worker`` (the job queue, training processes, pause), ``slots`` (its devices and queue order), ``metrics``
+(the training scripts' output in OpenAI's shapes), ``proxy`` (the models and the forwarding of chat to vLLM).
 """
 
 from __future__ import annotations

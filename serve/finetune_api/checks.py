@@ -5,9 +5,15 @@ characters" (minLength 1; here also only letters, digits, '.', '-' and '_', sinc
 ``ft:<model>:<organization>:<suffix>:<id>``), ``seed`` an integer from 0 to 2147483647, ``metadata``
 "16 key-value pairs ... keys ... maximum length of 64 characters ... values ... 512", ``integrations``
 at most 5 (the job object's maxItems) of ``{"type": "wandb", "wandb": {"project", "name", "entity",
-"tags"}}``, and the hyperparameters of FineTuneSupervisedHyperparameters (``n_epochs`` 1-50,
-``batch_size`` 1-256, ``learning_rate_multiplier`` > 0, each also "auto"). ``method.type`` is
-``supervised`` (``dpo`` and ``reinforcement`` are OpenAI's too, and refused here as unsupported).
+"tags"}}``.
+
+``method``: ``{"type": "supervised", "supervised": {"hyperparameters": {...}}}`` with
+FineTuneSupervisedHyperparameters (``n_epochs`` 1-50, ``batch_size`` 1-256, ``learning_rate_multiplier``
+> 0), or ``{"type": "dpo", "dpo": {"hyperparameters": {...}}}`` with FineTuneDPOHyperparameters (the same
+three and ``beta``, > 0 and <= 2), each "auto" or a number. The object given must be the type's
+(``method.supervised`` with type dpo is an error naming it). The deprecated top-level ``hyperparameters``
+is the supervised ones' old spelling, as on OpenAI: refused with type dpo. ``reinforcement`` is OpenAI's
+third type and refused here (``unsupported_value``).
 
 Each refusal is an ``APIError`` (400, ``invalid_request_error``) whose ``param`` names the field as the
 request spelled it (``method.supervised.hyperparameters.n_epochs``) and whose ``code`` and message
@@ -25,8 +31,13 @@ from pydantic import ValidationError
 from .errors import APIError
 from .models import FineTuningJobWandbIntegrationObject
 
+# (low, high): integers low..high; decimals above low (exclusive), at most high
 HYPERPARAMETERS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (0, None)}
+DPO_HYPERPARAMETERS = {"beta": (0, 2), **HYPERPARAMETERS}
+BOUNDS = {"supervised": HYPERPARAMETERS, "dpo": DPO_HYPERPARAMETERS}
+INTEGERS = ("n_epochs", "batch_size")
 METHODS = ("supervised", "dpo", "reinforcement")
+SERVED = ("supervised", "dpo")
 SUFFIX = re.compile(r"[A-Za-z0-9._-]+")
 MAX_SEED, MAX_SUFFIX, MAX_METADATA, MAX_KEY, MAX_VALUE, MAX_INTEGRATIONS = 2**31 - 1, 64, 16, 64, 512, 5
 
@@ -70,52 +81,84 @@ def check_integer(param: str, value, low: int, high: int | None, auto: bool = Fa
     return int(value)
 
 
-def hyperparameters(body: dict) -> dict:
-    """n_epochs, batch_size and learning_rate_multiplier: each "auto" or its number, from ``method`` or the
-    deprecated top-level ``hyperparameters`` (both may be given when they agree)."""
-    found = []
-    method = body.get("method")
-    if method is not None:
-        if not isinstance(method, dict):
-            raise bad_type("method", "an object", method)
-        if "type" not in method:
-            raise missing("method.type")
-        if method["type"] not in METHODS:
-            raise APIError(400, f"Invalid value: {method['type']!r}. Supported values are: 'supervised', 'dpo', and "
-                           "'reinforcement'.", "method.type", "invalid_value")
-        if method["type"] != "supervised":
-            raise APIError(400, f"Unsupported value: 'method.type' does not support {method['type']!r} on this "
-                           "server; only 'supervised' fine-tuning is available here.", "method.type",
-                           "unsupported_value")
-        supervised = method.get("supervised")
-        if supervised is not None and not isinstance(supervised, dict):
-            raise bad_type("method.supervised", "an object", supervised)
-        found.append(("method.supervised.hyperparameters", (supervised or {}).get("hyperparameters")))
-    found.append(("hyperparameters", body.get("hyperparameters")))
-    given = []
-    for prefix, hp in found:
-        if hp is None:
-            continue
-        if not isinstance(hp, dict):
-            raise bad_type(prefix, "an object", hp)
-        for key in hp:
-            if key not in HYPERPARAMETERS:
-                raise APIError(400, f"Unknown parameter: '{prefix}.{key}'.", f"{prefix}.{key}", "unknown_parameter")
-        if hp:
-            given.append({key: one_hyperparameter(f"{prefix}.{key}", key, hp.get(key, "auto"))
-                          for key in HYPERPARAMETERS})
-    if len(given) == 2 and given[0] != given[1]:
+def method(body: dict) -> dict:
+    """The job's ``method`` object: ``{"type": "supervised" | "dpo", "<type>": {"hyperparameters": {...}}}``,
+    each hyperparameter "auto" or its number. Without ``method``, supervised with the deprecated top-level
+    ``hyperparameters`` (both spellings may be given for a supervised job when they agree; a DPO job's go in
+    ``method.dpo.hyperparameters`` only, as on OpenAI)."""
+    given = body.get("method")
+    if given is None:
+        return {"type": "supervised", "supervised": {"hyperparameters": supervised({}, body.get("hyperparameters"))}}
+    if not isinstance(given, dict):
+        raise bad_type("method", "an object", given)
+    if "type" not in given:
+        raise missing("method.type")
+    kind_ = given["type"]
+    if kind_ not in METHODS:
+        raise APIError(400, f"Invalid value: {kind_!r}. Supported values are: 'supervised', 'dpo', and "
+                       "'reinforcement'.", "method.type", "invalid_value")
+    if kind_ not in SERVED:
+        raise APIError(400, f"Unsupported value: 'method.type' does not support {kind_!r} on this server; "
+                       "'supervised' and 'dpo' fine-tuning are available here.", "method.type", "unsupported_value")
+    for key in given:
+        if key not in ("type", *METHODS):
+            raise APIError(400, f"Unknown parameter: 'method.{key}'.", f"method.{key}", "unknown_parameter")
+        if key in METHODS and key != kind_ and given[key] is not None:
+            raise APIError(400, f"Invalid 'method.{key}': method.type is {kind_!r}; give the hyperparameters as "
+                           f"'method.{kind_}.hyperparameters' (or set method.type to {key!r}).", f"method.{key}",
+                           "invalid_value")
+    hp = method_hyperparameters(kind_, given.get(kind_))
+    if kind_ == "supervised":
+        hp = supervised(hp, body.get("hyperparameters"))
+    elif body.get("hyperparameters"):
+        raise APIError(400, "Invalid 'hyperparameters': the top-level hyperparameters are for supervised jobs only "
+                       "(and deprecated); give a DPO job's as 'method.dpo.hyperparameters'.", "hyperparameters",
+                       "invalid_value")
+    return {"type": kind_, kind_: {"hyperparameters": hp or {key: "auto" for key in BOUNDS[kind_]}}}
+
+
+def method_hyperparameters(kind_: str, obj) -> dict | None:
+    """``method.<kind>.hyperparameters`` checked: None when not given, else every key ("auto" where left out)."""
+    if obj is None:
+        return None
+    if not isinstance(obj, dict):
+        raise bad_type(f"method.{kind_}", "an object", obj)
+    for key in obj:
+        if key != "hyperparameters":
+            raise APIError(400, f"Unknown parameter: 'method.{kind_}.{key}'.", f"method.{kind_}.{key}",
+                           "unknown_parameter")
+    return checked(f"method.{kind_}.hyperparameters", obj.get("hyperparameters"), BOUNDS[kind_])
+
+
+def supervised(from_method: dict | None, top_level) -> dict:
+    """A supervised job's hyperparameters from ``method.supervised`` and/or the deprecated top-level spelling."""
+    deprecated = checked("hyperparameters", top_level, HYPERPARAMETERS)
+    if from_method and deprecated and from_method != deprecated:
         raise APIError(400, "Invalid 'hyperparameters': it disagrees with 'method.supervised.hyperparameters'; "
                        "give only method (the top-level hyperparameters are deprecated).", "hyperparameters",
                        "invalid_value")
-    return given[0] if given else {key: "auto" for key in HYPERPARAMETERS}
+    return from_method or deprecated or {key: "auto" for key in HYPERPARAMETERS}
 
 
-def one_hyperparameter(param: str, key: str, value):
+def checked(prefix: str, hp, bounds: dict) -> dict | None:
+    """Each key of ``bounds`` "auto" or a number within them; None for a missing or empty object."""
+    if hp is None:
+        return None
+    if not isinstance(hp, dict):
+        raise bad_type(prefix, "an object", hp)
+    for key in hp:
+        if key not in bounds:
+            raise APIError(400, f"Unknown parameter: '{prefix}.{key}'.", f"{prefix}.{key}", "unknown_parameter")
+    if not hp:
+        return None
+    return {key: one_hyperparameter(f"{prefix}.{key}", key, hp.get(key, "auto"), bounds[key]) for key in bounds}
+
+
+def one_hyperparameter(param: str, key: str, value, bounds: tuple):
     if value in ("auto", None):  # null: as if not given
         return "auto"
-    low, high = HYPERPARAMETERS[key]
-    if key != "learning_rate_multiplier":
+    low, high = bounds
+    if key in INTEGERS:
         return check_integer(param, value, low, high, auto=True)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise bad_type(param, "one of 'auto' or a number", value)
@@ -124,6 +167,9 @@ def one_hyperparameter(param: str, key: str, value):
     if value <= low:
         raise APIError(400, f"Invalid '{param}': decimal below minimum value. Expected a value > {low}, but got "
                        f"{value:g} instead.", param, "decimal_below_min_value")
+    if high is not None and value > high:
+        raise APIError(400, f"Invalid '{param}': decimal above maximum value. Expected a value <= {high}, but got "
+                       f"{value:g} instead.", param, "decimal_above_max_value")
     return float(value)
 
 

@@ -17,12 +17,17 @@ from tunekit.errors import UserError
 from tunekit.logs import LOG_LEVELS, LogLevel  # noqa: F401 (re-exported)
 
 
+DEFAULT_DPO_CONFIG = "configs/banking77/dpo_cpu.yaml"  # the CPU demo's DPO profile (see check_models)
+
+
 @dataclass
 class FinetuneAPIConfig:
     host: str = opt("127.0.0.1", "address to listen on (others need an API key)")
     port: int = opt(8100, "port")
     data_dir: str = opt("runs/finetune_api", "SQLite state, uploaded files, one run directory per job")
     sft_config: str = opt("configs/banking77/sft_cpu.yaml", "train/sft.py config jobs start from")
+    dpo_config: str = opt(DEFAULT_DPO_CONFIG, "train/dpo.py profile DPO jobs start from (it must train "
+                                                            "the base model; not found: DPO jobs are refused)")
     sft_overrides: dict = opt(dict, "sft keys set for every job (model, max_length, ...); YAML only")
     base_model: str | None = opt(None, "the model name jobs give (default: the sft config's model folder name)")
     models: dict = opt(dict, "OpenAI model name -> train/sft.py profile; 'default' for the other OpenAI names "
@@ -31,6 +36,8 @@ class FinetuneAPIConfig:
                                         "ft:<model>:<organization>:<suffix>:<id>")
     max_steps: int | None = opt(None, "cap on every job's training steps (CPU demos); unset: n_epochs decide")
     max_attempts: int = opt(3, "starts of a job (server restarts included) before it fails")
+    pause_timeout_s: float = opt(120.0, "seconds a paused job's training gets to stop at a new checkpoint before "
+                                        "it is killed (and pauses at its last complete one)")
     devices: list[str] | None = opt(None, "where jobs train, a job per device at once: GPUs as CUDA_VISIBLE_DEVICES "
                                           "names them (0 1), or cpu (one job on the CPU); unset: every GPU found "
                                           "(less the one the vLLM server started here uses, when there are more), "
@@ -59,7 +66,10 @@ class FinetuneAPIConfig:
 # A request for a listed name trains with its profile; ``default`` (or, without it, ``sft_config``) is
 # the profile of the local base's own names and, when the map is empty or has a ``default``, of every
 # other name in OPENAI_MODELS. One server fine-tunes one base model (it feeds one vLLM server), so every
-# profile must name the same model_name_or_path (``sft_overrides`` applies on top of each).
+# profile must name the same model_name_or_path (``sft_overrides`` applies on top of each). DPO jobs, for
+# any of those names, train with ``dpo_config`` (a train/dpo.py profile), which must name it too: a dpo_config
+# set to another model's profile is a UserError at start-up; the default one (the CPU demo's) on a server of
+# another base model, or a dpo_config that is not found, only turns DPO jobs away (400, naming the key).
 
 # OpenAI's fine-tunable chat models (fine-tuning guide; CreateFineTuningJobRequest.model in openapi.yaml
 # lists the aliases gpt-3.5-turbo and gpt-4o-mini). babbage-002 and davinci-002 take prompt/completion
@@ -105,7 +115,31 @@ def check_models(cfg: FinetuneAPIConfig) -> str:
             raise UserError(f"models.{name}: {profile} trains {other} but {base[0]} ({base[1]}) trains {path}; one "
                             "server fine-tunes one base model (one vLLM server): give every profile the same "
                             "model_name_or_path, or run one server per base model")
+    other = _dpo_base(cfg)
+    if other and other != path and cfg.dpo_config != DEFAULT_DPO_CONFIG:
+        raise UserError(f"dpo_config: {cfg.dpo_config} trains {other} but {base[0]} ({base[1]}) trains {path}; DPO "
+                        "jobs fine-tune the server's one base model: give the DPO profile the same "
+                        "model_name_or_path")
     return path
+
+
+def _dpo_base(cfg: FinetuneAPIConfig) -> str | None:
+    return _base_path(cfg, cfg.dpo_config, "dpo_config") if cfg.dpo_config and Path(cfg.dpo_config).is_file() else None
+
+
+def dpo_refusal(cfg: FinetuneAPIConfig) -> str | None:
+    """Why this server turns DPO jobs away (None: ``dpo_config`` is a train/dpo.py profile of its base model)."""
+    other, path = _dpo_base(cfg), check_models(cfg)
+    if other is None:
+        return f"its dpo_config ({cfg.dpo_config}) is not found"
+    if other != path:
+        return f"its dpo_config ({cfg.dpo_config}) trains {other}, not this server's base model {path}"
+    return None
+
+
+def dpo_profile(cfg: FinetuneAPIConfig) -> str | None:
+    """The train/dpo.py profile of DPO jobs; None when this server turns them away (``dpo_refusal``)."""
+    return None if dpo_refusal(cfg) else str(cfg.dpo_config)
 
 
 def base_model_of(cfg: FinetuneAPIConfig) -> tuple[str, str]:

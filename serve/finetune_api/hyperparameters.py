@@ -1,8 +1,12 @@
-"""A job's hyperparameters: "auto" resolved as OpenAI does, and what each number means for train/sft.py.
+"""A job's hyperparameters: "auto" resolved as OpenAI does, and what each number means for train/sft.py and
+train/dpo.py.
 
 **Resolution** (``resolve``), once the training file is validated and its ``n`` examples counted; the job
-object then shows numbers, not "auto", in ``hyperparameters`` and ``method.supervised.hyperparameters``,
-as OpenAI's does from that point on:
+object then shows numbers, not "auto", in ``method.<type>.hyperparameters`` (and, for a supervised job, the
+deprecated top-level ``hyperparameters``), as OpenAI's does from that point on. A DPO job resolves the
+three below as a supervised one does, plus ``beta``; its top-level ``hyperparameters`` is ``{}`` (``job_fields``):
+OpenAI sends null there for DPO jobs ("only returned when running supervised jobs"), which its own schema
+(a required object) and the SDK's model refuse, so the empty object is the valid way to say "none".
 
 - ``n_epochs``: ``data_prep.stats.default_epochs(n)``, the rule of OpenAI's data-preparation cookbook: 3,
   raised for small files so that n x epochs reaches 100 (at most 25 epochs), lowered for big ones so that
@@ -15,6 +19,10 @@ as OpenAI's does from that point on:
   OpenAI's older documented rule, "0.05, 0.1, or 0.2 depending on final batch_size (larger learning rates
   tend to perform better with larger batch sizes)", is for its retired base models; its batch dependence
   is kept below, in the local learning rate.
+- ``beta`` (DPO): 0.1, TRL's DPOConfig default and the value of OpenAI's DPO examples.
+
+The multiplier's "auto" depends on the base model: a job on an ``ft:`` model (one this server made) uses its
+base snapshot's.
 
 **Locally** (``plan``), on a train/sft.py profile with ``learning_rate`` LR, ``per_device_train_batch_size``
 B and ``gradient_accumulation_steps`` A (one training process):
@@ -28,6 +36,9 @@ B and ``gradient_accumulation_steps`` A (one training process):
   "auto" multiplier above (so "auto" trains at the profile's own, tuned rate) and s = sqrt(batch_size /
   (B x A)) clamped to [0.5, 2]: OpenAI's "larger for larger batch sizes" within its documented 4x range
   (0.05 to 0.2 around 0.1), centred on the profile's own batch, by the square-root rule for Adam.
+- ``beta`` -> ``beta`` of train/dpo.py (TRL's DPOConfig.beta: how far the policy may move from the reference,
+  the adapter disabled): the same number. A DPO step's batch counts preference pairs (one chosen and one
+  rejected completion each), so the batch and step rules above apply unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import math
 
 KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 MAX_BATCH = 256
+AUTO_BETA = 0.1
 
 
 def auto_multiplier(model: str) -> float:
@@ -46,15 +58,23 @@ def auto_batch_size(n: int) -> int:
     return min(MAX_BATCH, max(1, (2 * n + 500) // 1000))  # round(n * 0.002), halves up
 
 
-def resolve(hp: dict, n: int, model: str) -> dict:
-    """The job's hyperparameters with each "auto" (or missing) replaced by OpenAI's default for ``n`` examples."""
+def resolve(hp: dict, n: int, model: str, method: str = "supervised") -> dict:
+    """The job's hyperparameters with each "auto" (or missing) replaced by OpenAI's default for ``n`` examples
+    (``model``: the base snapshot; ``method``: "supervised" or "dpo", which adds ``beta``)."""
     from data_prep.stats import default_epochs
 
     auto = {"n_epochs": default_epochs(n), "batch_size": auto_batch_size(n),
-            "learning_rate_multiplier": auto_multiplier(model)}
-    out = {key: auto[key] if hp.get(key) in (None, "auto") else hp[key] for key in KEYS}
-    return {"n_epochs": int(out["n_epochs"]), "batch_size": int(out["batch_size"]),
-            "learning_rate_multiplier": float(out["learning_rate_multiplier"])}
+            "learning_rate_multiplier": auto_multiplier(model), "beta": AUTO_BETA}
+    out = {key: auto[key] if hp.get(key) in (None, "auto") else hp[key] for key in (*KEYS, "beta")}
+    numbers = {"n_epochs": int(out["n_epochs"]), "batch_size": int(out["batch_size"]),
+               "learning_rate_multiplier": float(out["learning_rate_multiplier"])}
+    return {"beta": float(out["beta"]), **numbers} if method == "dpo" else numbers
+
+
+def job_fields(method: str, hp: dict) -> dict:
+    """The job object's ``method`` and ``hyperparameters`` for ``hp`` (as requested, or resolved)."""
+    return {"method": {"type": method, method: {"hyperparameters": dict(hp)}},
+            "hyperparameters": dict(hp) if method == "supervised" else {}}
 
 
 def split_batch(batch: int, per_device: int) -> tuple[int, int]:
@@ -64,7 +84,8 @@ def split_batch(batch: int, per_device: int) -> tuple[int, int]:
 
 
 def plan(sft: dict, hp: dict, n: int, model: str, max_steps: int | None = None) -> dict:
-    """The train/sft.py settings of resolved hyperparameters ``hp`` on profile ``sft`` (see the module doc)."""
+    """The train/sft.py (or train/dpo.py: ``beta`` too) settings of resolved hyperparameters ``hp`` on profile
+    ``sft`` (see the module doc)."""
     base_device = max(1, int(sft.get("per_device_train_batch_size") or 8))
     base_accum = max(1, int(sft.get("gradient_accumulation_steps") or 1))
     base_lr = float(sft.get("learning_rate") or 1e-4)
@@ -72,16 +93,18 @@ def plan(sft: dict, hp: dict, n: int, model: str, max_steps: int | None = None) 
     scale = min(2.0, max(0.5, math.sqrt(hp["batch_size"] / (base_device * base_accum))))
     lr = base_lr * hp["learning_rate_multiplier"] / auto_multiplier(model) * scale
     steps = math.ceil(math.ceil(n / device) / accum) * hp["n_epochs"]
-    return {"num_train_epochs": hp["n_epochs"], "per_device_train_batch_size": device,
-            "gradient_accumulation_steps": accum, "learning_rate": float(f"{lr:.6g}"),
-            "max_steps": min(steps, max_steps) if max_steps else steps, "steps_for_epochs": steps,
-            "profile_learning_rate": base_lr, "batch_scale": round(scale, 4)}
+    out = {"num_train_epochs": hp["n_epochs"], "per_device_train_batch_size": device,
+           "gradient_accumulation_steps": accum, "learning_rate": float(f"{lr:.6g}"),
+           "max_steps": min(steps, max_steps) if max_steps else steps, "steps_for_epochs": steps,
+           "profile_learning_rate": base_lr, "batch_scale": round(scale, 4)}
+    return {**out, "beta": hp["beta"]} if "beta" in hp else out
 
 
 def describe(plan_: dict, hp: dict, model: str) -> str:
     """One line for the job's events: what the numbers mean on this machine."""
     capped = plan_["max_steps"] < plan_["steps_for_epochs"]
-    return (f"n_epochs {hp['n_epochs']}, batch_size {hp['batch_size']} ({plan_['per_device_train_batch_size']} per "
+    dpo = f"DPO, beta {plan_['beta']:g}; " if "beta" in plan_ else ""
+    return (f"{dpo}n_epochs {hp['n_epochs']}, batch_size {hp['batch_size']} ({plan_['per_device_train_batch_size']} per "
             f"step x {plan_['gradient_accumulation_steps']} accumulated), learning_rate_multiplier "
             f"{hp['learning_rate_multiplier']:g} -> learning rate {plan_['learning_rate']:g} (the profile's "
             f"{plan_['profile_learning_rate']:g} x {hp['learning_rate_multiplier']:g} / {auto_multiplier(model):g}, "

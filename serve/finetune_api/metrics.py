@@ -1,8 +1,18 @@
-"""What a train/sft.py run leaves, in OpenAI's shapes: metrics events, checkpoint metrics, the result file.
+"""What a train/sft.py or train/dpo.py run leaves, in OpenAI's shapes: metrics events, checkpoint metrics,
+the result file, the model's name.
 
-train/sft.py writes ``metrics.jsonl`` (one JSON record per logging or evaluation step: ``loss``,
-``mean_token_accuracy``, ``eval_loss``, ...) and ``checkpoint-N`` folders into the job's run folder;
-the worker turns them into ``metrics`` events, checkpoint objects and ``step_metrics.csv``.
+Both write ``metrics.jsonl`` (one JSON record per logging or evaluation step) and ``checkpoint-N`` folders
+into the job's run folder; the worker turns them into ``metrics`` events, checkpoint objects and
+``step_metrics.csv`` (OpenAI's columns: step, train_loss, train_accuracy, valid_loss,
+valid_mean_token_accuracy). The accuracy of each method:
+
+- supervised (train/sft.py, TRL's SFTTrainer): ``mean_token_accuracy`` / ``eval_mean_token_accuracy``, the
+  share of answer tokens predicted right;
+- dpo (train/dpo.py, TRL's DPOTrainer, whose lines carry ``loss``, ``rewards/chosen``, ``rewards/rejected``,
+  ``rewards/accuracies``, ``rewards/margins``, ``logps/...`` and ``eval_...``): ``rewards/accuracies`` /
+  ``eval_rewards/accuracies``, the share of pairs whose preferred output the model ranks above the other.
+  The events' data also carry the reward margin (``train_reward_margin``, ``valid_reward_margin``: the
+  chosen reward minus the rejected one, in units of beta x log-probability).
 """
 
 from __future__ import annotations
@@ -14,13 +24,17 @@ import re
 from pathlib import Path
 
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+ACCURACY = ("mean_token_accuracy", "rewards/accuracies")  # supervised, dpo
+MARGIN = "rewards/margins"
 
 
-def model_name(job: dict, organization: str = "personal") -> str:
+def model_name(job: dict, organization: str = "personal", base: str | None = None) -> str:
     """OpenAI's shape ``ft:<model>:<organization>:<suffix>:<id>`` (the suffix part empty without one); the id
     part is the job id without ``ftjob-``, so the name leads back to its job. Checkpoints append
-    ``:ckpt-step-N``."""
-    return f"ft:{job['model']}:{organization}:{job.get('user_provided_suffix') or ''}:{job['id'].removeprefix('ftjob-')}"
+    ``:ckpt-step-N``. ``base``: the base snapshot of a job on an ``ft:`` model, which OpenAI names the new
+    model after (``ft:gpt-4o-mini-2024-07-18:org:suffix:id``, not the ft: name it continued from)."""
+    model = base or job["model"]
+    return f"ft:{model}:{organization}:{job.get('user_provided_suffix') or ''}:{job['id'].removeprefix('ftjob-')}"
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -29,17 +43,23 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def metrics_data(rec: dict, total: int) -> dict | None:
-    """One metrics.jsonl record of train/sft.py in OpenAI's event ``data`` shape."""
+def accuracy(rec: dict, prefix: str = "") -> float | None:
+    """The record's accuracy, either method's (see the module doc); None without one."""
+    return next((rec[prefix + key] for key in ACCURACY if prefix + key in rec), None)
+
+
+def metrics_data(rec: dict, total: int, margins: bool = True) -> dict | None:
+    """One metrics.jsonl record of train/sft.py or train/dpo.py in OpenAI's event ``data`` shape (``margins``:
+    with the DPO reward margins, which OpenAI's checkpoint metrics have no field for)."""
     data = {"step": rec.get("step", 0), "total_steps": total}
-    if "loss" in rec:
-        data["train_loss"] = rec["loss"]
-        if "mean_token_accuracy" in rec:
-            data["train_mean_token_accuracy"] = rec["mean_token_accuracy"]
-    if "eval_loss" in rec:
-        data["valid_loss"] = rec["eval_loss"]
-        if "eval_mean_token_accuracy" in rec:
-            data["valid_mean_token_accuracy"] = rec["eval_mean_token_accuracy"]
+    for prefix, side in (("", "train"), ("eval_", "valid")):
+        if prefix + "loss" not in rec:
+            continue
+        data[f"{side}_loss"] = rec[prefix + "loss"]
+        if (acc := accuracy(rec, prefix)) is not None:
+            data[f"{side}_mean_token_accuracy"] = acc
+        if margins and prefix + MARGIN in rec:
+            data[f"{side}_reward_margin"] = rec[prefix + MARGIN]
     return data if len(data) > 2 else None
 
 
@@ -65,11 +85,15 @@ def step_metrics(run_dir: Path, step: int) -> dict:
     out = {"step": step}
     for rec in read_metrics(run_dir):
         if rec.get("step", 0) <= step:
-            d = metrics_data(rec, 0) or {}
+            d = metrics_data(rec, 0, margins=False) or {}
             d.pop("total_steps", None)
             out.update(d)
     out["step"] = step
     return out
+
+
+def value(x) -> object:
+    return "" if x is None else x
 
 
 def results_csv(run_dir: Path) -> bytes:
@@ -78,9 +102,9 @@ def results_csv(run_dir: Path) -> bytes:
     for rec in read_metrics(run_dir):
         row = rows.setdefault(rec.get("step", 0), {"step": rec.get("step", 0)})
         if "loss" in rec:
-            row.update(train_loss=rec["loss"], train_accuracy=rec.get("mean_token_accuracy", ""))
+            row.update(train_loss=rec["loss"], train_accuracy=value(accuracy(rec)))
         if "eval_loss" in rec:
-            row.update(valid_loss=rec["eval_loss"], valid_mean_token_accuracy=rec.get("eval_mean_token_accuracy", ""))
+            row.update(valid_loss=rec["eval_loss"], valid_mean_token_accuracy=value(accuracy(rec, "eval_")))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, RESULT_COLUMNS, restval="", lineterminator="\n")
     writer.writeheader()
@@ -90,8 +114,9 @@ def results_csv(run_dir: Path) -> bytes:
 
 
 def trained_tokens(run_dir: Path) -> int | None:
-    """The job's ``trained_tokens``: train/sft.py's summary.json ``train_tokens`` (TRL's count of the tokens
-    trained on, every epoch), else the last ``num_tokens`` metrics.jsonl logged."""
+    """The job's ``trained_tokens``: summary.json's ``train_tokens`` (TRL's count of the tokens trained on,
+    every epoch; a DPO pair's prompt, chosen and rejected tokens), else the last ``num_tokens`` metrics.jsonl
+    logged."""
     path = run_dir / "summary.json"
     try:
         n = json.loads(path.read_text()).get("train_tokens") if path.exists() else None

@@ -2,7 +2,7 @@
 
 Objects are the openai SDK's own pydantic types (``FileObject``, ``FineTuningJob``, ``FineTuningJobEvent``,
 ``FineTuningJobCheckpoint``, ``FileDeleted``, ``Model``), so a response that the SDK could not parse
-cannot leave the server; the list envelopes and the error envelope are OpenAI's, written here. The
+cannot leave the server (``FineTuningJob`` adds one status to the SDK's: ``paused``, below); the list envelopes and the error envelope are OpenAI's, written here. The
 service returns plain dicts (the JSON the store keeps); each route validates them into its
 ``response_model`` and serializes with ``exclude_unset``, so a key the object lacks
 (``FileObject.expires_at``) is left out rather than sent as null. A response that does not fit its
@@ -15,13 +15,24 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from openai.types import FileDeleted, FileObject, Model
-from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent, FineTuningJobWandbIntegrationObject
+from openai.types.fine_tuning import FineTuningJob as SDKFineTuningJob
+from openai.types.fine_tuning import FineTuningJobEvent, FineTuningJobWandbIntegrationObject
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from pydantic import BaseModel
 
 __all__ = ["CheckpointList", "ErrorDetail", "ErrorResponse", "EventList", "FileDeleted", "FileList", "FileObject",
            "FineTuningJob", "FineTuningJobCheckpoint", "FineTuningJobEvent", "FineTuningJobWandbIntegrationObject",
            "Health", "JobCreateRequest", "JobList", "Model", "ModelList", "envelope"]
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+class FineTuningJob(SDKFineTuningJob):
+    """OpenAI's job object, ``paused`` among its statuses: what POST /fine_tuning/jobs/{id}/pause answers on
+    OpenAI (its own example in openapi.yaml), though that file's status enum and openai 3.54's Literal stop at
+    ``cancelled``. (The SDK parses answers without validating them, so its clients read ``"paused"`` as is.)"""
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
 
 
 # ----------------------------------------------------------------------------- lists (cursor pages)
@@ -101,7 +112,7 @@ class JobCreateRequest(BaseModel):
     validation_file: str | None = None
     suffix: str | None = None
     seed: int | None = None
-    method: dict[str, Any] | None = None  # {"type": "supervised", "supervised": {"hyperparameters": {...}}}
+    method: dict[str, Any] | None = None  # {"type": "supervised" | "dpo", "<type>": {"hyperparameters": {...}}}
     hyperparameters: dict[str, Any] | None = None  # the deprecated spelling of method's hyperparameters
     integrations: list[dict[str, Any]] | None = None  # [{"type": "wandb", "wandb": {"project": ...}}]
     metadata: dict[str, str] | None = None

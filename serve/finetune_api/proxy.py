@@ -141,20 +141,8 @@ class Models:
         return found
 
     def owner(self, name: str) -> tuple[dict, int | None] | None:
-        """(job, checkpoint step or None) of a fine-tuned model's name: found by the job id the name ends with
-        (``ftjob-`` or not), else by looking through every job."""
-        parts = name.split(":")
-        ckpt = re.fullmatch(r"ckpt-step-(\d+)", parts[-1])
-        step = int(ckpt.group(1)) if ckpt else None
-        tail = parts[-2] if ckpt and len(parts) > 1 else parts[-1]
-        by_id = [job for job in (self.store.get_job(tail), self.store.get_job("ftjob-" + tail)) if job]
-        for job in by_id or self.store.list_jobs(None, 10**9)[0]:
-            if step is None and job["status"] == "succeeded" and job.get("fine_tuned_model") == name:
-                return job, None
-            if step is not None and any(c["fine_tuned_model_checkpoint"] == name
-                                        for c in self.store.list_checkpoints(job["id"], None, 10**9)[0]):
-                return job, step
-        return None
+        """(job, checkpoint step or None) of a fine-tuned model's name (``Store.model_owner``)."""
+        return self.store.model_owner(name)
 
     def resolve(self, name: str) -> Target:
         """The base model or the adapter a requested name means; 404 model_not_found otherwise."""

@@ -1,5 +1,6 @@
-"""The FastAPI app: OpenAI's /v1/files and /v1/fine_tuning/jobs routes, thin over ``service.Service``, and
-/v1/models, /v1/chat/completions and /v1/completions, forwarded to the vLLM server by ``proxy.Proxy``.
+"""The FastAPI app: OpenAI's /v1/files and /v1/fine_tuning/jobs routes (create, list, retrieve, cancel, pause,
+resume, events, checkpoints), thin over ``service.Service``, and /v1/models, /v1/chat/completions and
+/v1/completions, forwarded to the vLLM server by ``proxy.Proxy``.
 
 Each route reads its parameters, calls the service and returns what it gives; its ``response_model``
 (``models.py``) checks the JSON on the way out. The key check, the request log and the error
@@ -114,6 +115,16 @@ def retrieve_job(job_id: str, svc: Svc):
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob, **JSON)
 def cancel_job(job_id: str, svc: Svc):
     return svc.cancel_job(job_id)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/pause", response_model=FineTuningJob, **JSON)
+def pause_job(job_id: str, svc: Svc):
+    return svc.pause_job(job_id)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume", response_model=FineTuningJob, **JSON)
+def resume_job(job_id: str, svc: Svc):
+    return svc.resume_job(job_id)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", response_model=EventList, **JSON)

@@ -4,8 +4,18 @@ Each mistake in a request is an ``APIError`` with OpenAI's status, message, ``pa
 (``model_not_available``, ``invalid_file``, ``fine_tune_not_found``, ``invalid_state``, ``file_too_large``,
 and the field checks of ``checks.py``); the app sends it in OpenAI's error envelope. A job names an
 OpenAI model (``gpt-4o-mini-2024-07-18``) or the local base; ``config.profile_for`` picks the train/sft.py
-profile it trains with, and the job shows the name it was asked for (an alias as the snapshot OpenAI
-resolves it to). The service knows nothing of HTTP beyond an upload's ``read()``/``filename``: it
+profile a supervised job trains with (a DPO job's is ``dpo_config``, train/dpo.py's), and the job shows the
+name it was asked for (an alias as the snapshot OpenAI resolves it to). It may also name an ``ft:`` model
+this server made (a succeeded job's ``fine_tuned_model`` or one of its checkpoints), for either method, as
+OpenAI allows DPO on a supervised fine-tune: the job trains on from that adapter (``init_adapter``) with
+its base's profile, and its own model is named after the base snapshot.
+
+Pause and resume (OpenAI's POST /fine_tuning/jobs/{id}/pause and /resume): a paused job keeps its place
+and its checkpoints. Pausing a job not yet training (validating_files, queued) takes effect at once; a
+running one reads ``paused`` at once too, while the worker has its training stop at a new checkpoint
+(worker.py). Resuming puts it back in the queue (``queued``; ``validating_files`` if its files were not
+validated yet), and its training goes on from its last complete checkpoint. Pausing a finished job or
+resuming one that is not paused is ``invalid_state``, as cancelling a finished one is. The service knows nothing of HTTP beyond an upload's ``read()``/``filename``: it
 returns the plain dicts the store keeps, and the routes' response models check them. Its log (logger
 ``serve.finetune_api.service``) records what changed: uploads, deletions, new and cancelled jobs.
 """
@@ -20,8 +30,10 @@ import time
 from pathlib import Path
 
 from . import checks
-from .config import ALIASES, FinetuneAPIConfig, base_model_of, base_names, profile_for
+from .config import (ALIASES, FinetuneAPIConfig, base_model_of, base_names, default_profile, dpo_refusal,
+                     profile_for)
 from .errors import APIError
+from .hyperparameters import job_fields
 from .models import FineTuningJob
 from .store import Store, new_id
 from .worker import TERMINAL
@@ -62,6 +74,9 @@ class Service:
         self.data_dir = Path(cfg.data_dir).resolve()
         self.base_name, self.base_path = base_model_of(cfg)
         self.limit_bytes = int(cfg.max_file_mb * 2**20)
+        if why := dpo_refusal(cfg):
+            log.warning("DPO jobs will be refused: %s (set dpo_config to a train/dpo.py profile of %s)", why,
+                        self.base_path)
 
     # ----------------------------------------------------------------------------- files
 
@@ -148,17 +163,52 @@ class Service:
                            f"{found[0]['purpose']!r}, not 'fine-tune'", param=param, code="invalid_file")
         return file_id
 
-    def _model(self, body: dict) -> tuple[str, str]:
-        """(the name the job shows, the train/sft.py profile it trains with)."""
+    def _model(self, body: dict) -> dict:
+        """The job's model: ``shown`` (the name the job shows), ``base`` (the base snapshot its fine-tuned model is
+        named after), ``profile`` (the train/sft.py profile of that base) and ``init_adapter`` (the adapter folder
+        an ``ft:`` model continues from, else None)."""
         model = body.get("model")
         if model is None:
             raise checks.missing("model")
+        if isinstance(model, str) and model.startswith("ft:"):
+            return self._fine_tuned(model)
         profile = profile_for(self.cfg, model)
         if profile is None:
-            raise APIError(400, f"model {model!r} is not available for fine-tuning or does not exist; this server "
-                           f"fine-tunes {self.base_name} as: {', '.join(base_names(self.cfg))}", param="model",
-                           code="model_not_available")
-        return (self.base_name if model == self.base_path else ALIASES.get(model, model)), profile
+            raise self._not_available(model)
+        shown = self.base_name if model == self.base_path else ALIASES.get(model, model)
+        return {"shown": shown, "base": shown, "profile": profile, "init_adapter": None}
+
+    def _not_available(self, model, why: str = "") -> APIError:
+        return APIError(400, f"model {model!r} is not available for fine-tuning or does not exist{why}; this server "
+                        f"fine-tunes {self.base_name} as: {', '.join(base_names(self.cfg))}, and the ft: models its "
+                        "jobs made", param="model", code="model_not_available")
+
+    def _fine_tuned(self, model: str) -> dict:
+        """An ``ft:`` model of this server: its job's adapter (run folder, or its checkpoint-N) to train on from."""
+        found = self.store.model_owner(model)
+        if not found:
+            raise self._not_available(model, " (no job of this server made it)")
+        parent, step = found
+        priv = self.store.get_private(parent["id"])
+        run_dir = Path(priv.get("run_dir") or "")
+        folder = run_dir / f"checkpoint-{step}" if step is not None else run_dir
+        if not priv.get("run_dir") or not (folder / "adapter_config.json").is_file():
+            raise self._not_available(model, f" (its adapter, {folder}, is no longer on this server)")
+        base = priv.get("base_model") or parent["model"]
+        return {"shown": model, "base": base, "profile": profile_for(self.cfg, base) or default_profile(self.cfg),
+                "init_adapter": str(folder)}
+
+    def _profile(self, kind: str, model: dict) -> str:
+        """The profile a job of method ``kind`` trains with: its model's, or ``dpo_config`` for DPO."""
+        if kind != "dpo":
+            return model["profile"]
+        why = dpo_refusal(self.cfg)
+        if why:
+            raise APIError(400, f"Unsupported value: 'method.type' 'dpo' needs a train/dpo.py profile of the base "
+                           f"model on this server, and {why}; the server's dpo_config key names one (such as "
+                           "configs/banking77/dpo_cpu.yaml), or use method.type 'supervised'.", "method.type",
+                           "unsupported_value")
+        return str(self.cfg.dpo_config)
 
     def create_job(self, raw: bytes) -> dict:
         """A new job from the JSON body of POST /v1/fine_tuning/jobs; the worker validates its files next."""
@@ -171,27 +221,31 @@ class Service:
         for key in body:
             if key not in REQUEST_KEYS:
                 raise APIError(400, f"Unknown parameter: '{key}'.", param=key, code="unknown_parameter")
-        model, profile = self._model(body)
+        model = self._model(body)
         train = self._training_file(body, "training_file")
         valid = self._training_file(body, "validation_file")
         suffix = checks.suffix(body.get("suffix"))
-        hp = checks.hyperparameters(body)
+        method = checks.method(body)
+        kind = method["type"]
+        profile = self._profile(kind, model)
         seed = checks.seed(body.get("seed"))
         if seed is None:
             seed = secrets.randbelow(2**31)
         integrations = checks.integrations(body.get("integrations"))
         metadata = checks.metadata(body.get("metadata"))
-        job = {"object": "fine_tuning.job", "id": new_id("ftjob-"), "model": model,
+        job = {"object": "fine_tuning.job", "id": new_id("ftjob-"), "model": model["shown"],
                "created_at": int(time.time()), "finished_at": None, "fine_tuned_model": None,
                "organization_id": "org-local", "result_files": [], "status": "validating_files",
-               "validation_file": valid, "training_file": train, "hyperparameters": hp, "trained_tokens": None,
+               "validation_file": valid, "training_file": train, "trained_tokens": None,
                "error": None, "user_provided_suffix": suffix, "seed": seed, "estimated_finish": None,
                "integrations": integrations, "metadata": metadata,
-               "method": {"type": "supervised", "supervised": {"hyperparameters": dict(hp)}}}
+               **job_fields(kind, method[kind]["hyperparameters"])}
         FineTuningJob.model_validate(job)  # never store a job that its routes could not serve
-        self.store.add_job(job, {"attempts": 0, "profile": profile})
+        self.store.add_job(job, {"attempts": 0, "profile": profile, "base_model": model["base"],
+                                 "init_adapter": model["init_adapter"]})
         self.store.add_event(job["id"], f"Created fine-tuning job: {job['id']}")
-        log.info("job %s created: model %s (profile %s), training_file %s%s", job["id"], model, profile, train,
+        log.info("job %s created: %s, model %s (profile %s%s), training_file %s%s", job["id"], kind, model["shown"],
+                 profile, f", from the adapter in {model['init_adapter']}" if model["init_adapter"] else "", train,
                  f", validation_file {valid}" if valid else "")
         return job
 
@@ -211,13 +265,53 @@ class Service:
         with self.store.lock:  # the check and the change in one step, as the worker's own changes are
             job = self.get_job(job_id)
             if job["status"] in TERMINAL:
-                raise APIError(400, f"Job {job_id} has already {'been ' if job['status'] == 'cancelled' else ''}"
-                               f"{job['status']} and cannot be cancelled", param="fine_tuning_job_id",
-                               code="invalid_state")
+                raise self._finished(job, "cancelled")
             job = self.store.update_job(job_id, status="cancelled", finished_at=int(time.time()),
                                         estimated_finish=None)
         self.store.add_event(job_id, "Fine-tuning job cancelled")
         log.info("job %s cancelled", job_id)
+        return job
+
+    def _finished(self, job: dict, verb: str) -> APIError:
+        return APIError(400, f"Job {job['id']} has already {'been ' if job['status'] == 'cancelled' else ''}"
+                        f"{job['status']} and cannot be {verb}", param="fine_tuning_job_id", code="invalid_state")
+
+    def pause_job(self, job_id: str) -> dict:
+        """Mark the job paused: at once when it is not training yet; a running one's worker then has its training
+        stop at a new checkpoint (and adds "Fine-tuning job paused at step N")."""
+        with self.store.lock:
+            job = self.get_job(job_id)
+            if job["status"] in TERMINAL:
+                raise self._finished(job, "paused")
+            if job["status"] == "paused":
+                raise APIError(400, f"Job {job_id} is already paused; resume it with POST "
+                               f"/v1/fine_tuning/jobs/{job_id}/resume", param="fine_tuning_job_id", code="invalid_state")
+            was = job["status"]
+            job = self.store.update_job(job_id, status="paused", estimated_finish=None, private={"paused_from": was})
+        if was == "running":
+            self.store.add_event(job_id, "Pausing fine-tuning job: training stops at a checkpoint after its current "
+                                 "step")
+        else:
+            self.store.add_event(job_id, "Fine-tuning job paused before training started")
+        log.info("job %s paused (it was %s)", job_id, was)
+        return job
+
+    def resume_job(self, job_id: str) -> dict:
+        """Put a paused job back in the queue (or back to validation, if its files were not validated yet); its
+        training goes on from its last complete checkpoint."""
+        with self.store.lock:
+            job = self.get_job(job_id)
+            if job["status"] != "paused":
+                raise APIError(400, f"Job {job_id} is {job['status']}, not paused, and cannot be resumed (pause it "
+                               "first with POST .../pause)", param="fine_tuning_job_id", code="invalid_state")
+            back = "validating_files" if self.store.get_private(job_id).get("paused_from") == "validating_files" \
+                else "queued"
+            # a new claim (the worker's slot, if its process is still stopping, keeps it until then); the starts
+            # counted toward max_attempts begin again
+            job = self.store.update_job(job_id, status=back, private={"paused_from": None, "claimed_by": None,
+                                                                     "attempts": 0, "resumed": True})
+        self.store.add_event(job_id, "Fine-tuning job resumed")
+        log.info("job %s resumed: %s", job_id, back)
         return job
 
     def list_events(self, job_id: str, after: str | None, limit: int) -> dict:

@@ -135,8 +135,9 @@ class Slots:
             device = self.free()
             if device is None:
                 return None
-            queued = [j for j in store.jobs_with_status("queued")
-                      if store.get_private(j["id"]).get("claimed_by") != self.token]
+            queued = [j for j in store.jobs_with_status("queued")  # a job resumed while its last process stops:
+                      if j["id"] not in self.jobs  # its slot is still taken, until that process is gone
+                      and store.get_private(j["id"]).get("claimed_by") != self.token]
             job = next_job(queued, order, steps)
             if job is None:
                 return None

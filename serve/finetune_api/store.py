@@ -2,12 +2,14 @@
 
 Every object is kept as the JSON the API returns, beside the few columns the server queries
 (status, order). One connection, one lock: the request threads and the job worker share it.
-A job's ``private`` JSON holds what the API does not show (pid, run folder, attempts, counters).
+A job's ``private`` JSON holds what the API does not show (pid, run folder, attempts, counters, its profile,
+base model and ``init_adapter``, what a pause left). ``model_owner`` finds the job behind an ``ft:`` name.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import sqlite3
 import threading
@@ -129,6 +131,25 @@ class Store:
         rows = [json.loads(r[0]) for r in self._all("SELECT obj FROM checkpoints WHERE job_id = ? ORDER BY step DESC",
                                                     job_id)]
         return page(rows, after, limit)
+
+    # ----------------------------------------------------------------------------- fine-tuned models
+
+    def model_owner(self, name: str) -> tuple[dict, int | None] | None:
+        """(job, checkpoint step or None) of a fine-tuned model's name (a succeeded job's ``fine_tuned_model`` or
+        a checkpoint's ``fine_tuned_model_checkpoint``): found by the job id the name ends with (``ftjob-`` or
+        not), else by looking through every job. None: no model of this server."""
+        parts = name.split(":")
+        ckpt = re.fullmatch(r"ckpt-step-(\d+)", parts[-1])
+        step = int(ckpt.group(1)) if ckpt else None
+        tail = parts[-2] if ckpt and len(parts) > 1 else parts[-1]
+        by_id = [job for job in (self.get_job(tail), self.get_job("ftjob-" + tail)) if job]
+        for job in by_id or self.list_jobs(None, 10**9)[0]:
+            if step is None and job["status"] == "succeeded" and job.get("fine_tuned_model") == name:
+                return job, None
+            if step is not None and any(c["fine_tuned_model_checkpoint"] == name
+                                        for c in self.list_checkpoints(job["id"], None, 10**9)[0]):
+                return job, step
+        return None
 
 
 def page(rows: list[dict], after: str | None, limit: int) -> tuple[list[dict], bool]:

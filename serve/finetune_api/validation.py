@@ -1,8 +1,17 @@
 """A job's files checked as OpenAI checks them, failures worded as OpenAI's ``job.error``.
 
-The rules are data_prep's (``data_prep.validate.validate_file``: the chat format of OpenAI's
-data-preparation cookbook, at most 65,536 tokens per example, at least 10 examples), with its line
-numbers. What a failed job then carries, as OpenAI's do:
+The rules are data_prep's (``data_prep.validate.validate_file``), with its line numbers, by the job's method:
+
+- supervised: the chat format of OpenAI's data-preparation cookbook (``{"messages": [...]}`` ending with
+  the assistant's answer), at most 65,536 tokens per example, at least 10 examples;
+- dpo: OpenAI's preference format, ``{"input": {"messages": [...]}, "preferred_output": [{"role":
+  "assistant", ...}], "non_preferred_output": [{...}]}`` (``validate_file(path, method="dpo")``), at least
+  10 examples too.
+
+A file of the other method's format (a chat file on a DPO job, a preference file on a supervised one) is
+named as such from its first example, before data_prep's rules run (they would report each line's
+``format_mismatch``). What a failed job then carries, as
+OpenAI's do:
 
 - a format problem: ``{"code": "invalid_training_file", "param": "training_file", "message": "The job
   failed due to an invalid training file. Invalid file format: line 17: example_missing_assistant_message:
@@ -19,14 +28,34 @@ from pathlib import Path
 
 SHOWN = 5
 KINDS = {"training_file": "training", "validation_file": "validation"}
+DPO_LINE = ('{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}], '
+            '"non_preferred_output": [{"role": "assistant", "content": ...}]}')
 
 
 def where(problem) -> str:
     return (f"line {problem.line}: " if problem.line else "") + f"{problem.code}: {problem.message}"
 
 
-def file_error(param: str, file_id: str, path: str | None) -> tuple[int, dict | None]:
-    """(examples in the file, None) or (examples, the job's ``error`` object)."""
+def other_format(path: str, method: str) -> str | None:
+    """Why the file is in the other method's format (judged by its first example), or None."""
+    from data_prep.sources import jsonl_lines
+    from data_prep.validate import line_method
+
+    line, found = next(((n, line_method(ex)) for n, ex, error in jsonl_lines(Path(path))
+                        if not error and isinstance(ex, dict)), (0, None))
+    if found == "supervised" and method == "dpo":
+        return (f"line {line} is a supervised (chat) example, {{\"messages\": [...]}}, and this is a DPO job "
+                f"(method.type 'dpo'): each line of its files is a preference pair, {DPO_LINE}; upload such a file, "
+                "or create the job with method.type 'supervised' to train on this one")
+    if found == "dpo" and method == "supervised":
+        return (f"line {line} is a DPO example (input, preferred_output, non_preferred_output) and this is a "
+                "supervised job: create it with method={\"type\": \"dpo\", ...} to train on preferences, or upload "
+                "chat examples ({\"messages\": [...]})")
+    return None
+
+
+def file_error(param: str, file_id: str, path: str | None, method: str = "supervised") -> tuple[int, dict | None]:
+    """(examples in the file, None) or (examples, the job's ``error`` object), by the rules of ``method``."""
     from data_prep.validate import MIN_EXAMPLES, validate_file
 
     kind = KINDS[param]
@@ -34,7 +63,9 @@ def file_error(param: str, file_id: str, path: str | None) -> tuple[int, dict | 
     if path is None or not Path(path).is_file():
         return 0, {"code": f"invalid_{kind}_file", "param": param,
                    "message": f"{prefix} File {file_id} was deleted before it was validated."}
-    n, problems = validate_file(path)
+    if why := other_format(path, method):
+        return 0, {"code": f"invalid_{kind}_file", "param": param, "message": f"{prefix} Invalid file format: {why}"}
+    n, problems = validate_file(path, method=method)
     format_problems = [p for p in problems if p.code != "too_few_examples"]
     if format_problems:
         shown = "; ".join(where(p) for p in format_problems[:SHOWN])

@@ -1,15 +1,33 @@
-"""The job worker of the local fine-tuning API: a queue of jobs, each train/sft.py as a subprocess.
+"""The job worker of the local fine-tuning API: a queue of jobs, each train/sft.py or train/dpo.py as a subprocess.
 
-A job goes validating_files -> queued -> running -> succeeded | failed | cancelled, with OpenAI's events
-on the way ("Validating training file: ...", "Files validated, moving job to queued state", "Fine-tuning
-job started", "Step 1/90: training loss=2.03", "Checkpoint created at step 30 with Snapshot ID: ...",
-"New fine-tuned model created: ft:...", "The job has successfully completed"). Validation is
-data_prep's, failures worded as OpenAI's (validation.py); then the hyperparameters are resolved
-(hyperparameters.py) and the job shows numbers. Training is ``accelerate launch train/sft.py --config
-<job.yaml>`` on the job's profile in its own process group; its metrics.jsonl becomes ``metrics`` events
-(and ``estimated_finish``), its checkpoint-N folders checkpoints, its summary.json ``trained_tokens``.
-A job that was running when the server stopped is started again (train/sft.py resumes from its last
-complete checkpoint), or failed with the reason after ``max_attempts`` starts.
+A job goes validating_files -> queued -> running -> succeeded | failed | cancelled (and paused <-> queued on
+request), with OpenAI's events on the way ("Validating training file: ...", "Files validated, moving job to
+queued state", "Fine-tuning job started", "Step 1/90: training loss=2.03", "Checkpoint created at step 30
+with Snapshot ID: ...", "New fine-tuned model created: ft:...", "The job has successfully completed").
+Validation is data_prep's by the job's method, failures worded as OpenAI's (validation.py); then the
+hyperparameters are resolved (hyperparameters.py) and the job shows numbers. Training is ``accelerate
+launch train/<sft|dpo>.py --config <job.yaml>`` (``tunekit.cli.accelerate_command`` picks the script from
+the YAML's ``method: dpo``) in its own process group:
+
+- supervised: the job's profile (``models:``) + ``sft_overrides`` + the job's settings;
+- dpo: ``dpo_config`` (a train/dpo.py profile) + ``sft_overrides`` (less the SFT-only keys, SFT_ONLY) + the
+  job's settings + ``method: dpo`` and ``beta``; its files are OpenAI's DPO JSONL as uploaded, which
+  train/dpo.py reads as they are;
+- on an ``ft:`` model (either method): ``init_adapter``, the folder of that model's adapter, which the run
+  trains on from.
+
+Its metrics.jsonl becomes ``metrics`` events (and ``estimated_finish``), its checkpoint-N folders
+checkpoints, its summary.json ``trained_tokens``. A job that was running when the server stopped is started
+again (the script resumes from its last complete checkpoint), or failed with the reason after
+``max_attempts`` starts.
+
+Pause (``service.pause_job`` marks a running job ``paused``): the worker creates ``<run_dir>/pause_requested``;
+the training script saves a checkpoint at the end of its current step, writes ``<run_dir>/paused.json``
+(``{"step": N, "checkpoint": "<path>"}``) and exits 0 without a summary.json. The job then reads "Fine-tuning
+job paused at step N". A process still running ``pause_timeout_s`` after the request is killed, and the job
+is paused at its last complete checkpoint. Resume puts it back in the queue; its next start deletes both
+files and the script resumes from its last complete checkpoint, to the same final step. A paused job
+stays paused across a server restart.
 
 One thread validates jobs, one at a time, and starts queued ones: a job per device (``devices``: each
 GPU, pinned with CUDA_VISIBLE_DEVICES, or the CPU; up to ``max_running``), the next by ``queue_order``
@@ -21,7 +39,7 @@ start names its device), a failed job at WARNING, a training process that exits 
 with the last lines of its log (``<data_dir>/runs/<job id>.log``, where its traceback is), and an
 internal error with its traceback.
 
-(About 420 lines: a job's whole life, from validation to the adapter's hand-off, reads in one place;
+(About 540 lines: a job's whole life, from validation to the adapter's hand-off, reads in one place;
 the rules it applies live in validation.py, hyperparameters.py, metrics.py and slots.py.)
 """
 
@@ -45,7 +63,7 @@ from tunekit.processes import stop_group
 from tunekit.errors import UserError
 
 from . import hyperparameters
-from .config import profile_for
+from .config import dpo_profile, profile_for
 from .integrations import wandb_settings
 from .metrics import (last_checkpoint, metrics_data, metrics_message, model_name, results_csv, step_metrics,
                       trained_tokens)
@@ -56,6 +74,11 @@ from .validation import file_error
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: train/sft.py and its imports
 log = logging.getLogger(__name__)
 TERMINAL = ("succeeded", "failed", "cancelled")
+# train/sft.py keys a DPO run has no use for: left out of sft_overrides for DPO jobs (train/dpo.py refuses
+# unknown keys)
+SFT_ONLY = ("assistant_only_loss", "completion_only_loss", "shared_prefix", "train_sampling_strategy", "packing",
+            "packing_strategy", "padding_free", "dataset_text_field")
+PAUSE_REQUEST, PAUSED = "pause_requested", "paused.json"  # the pause files in a job's run folder
 
 
 def alive(pid: int | None) -> bool:
@@ -82,6 +105,13 @@ def ours(pid: int, run_dir: str) -> bool:
                 for p in [Path(f"/proc/{pid}/environ")] if p.exists())
     except OSError:
         return False
+
+
+def started(attempts: int, resumed: bool, ckpt: Path | None) -> str:
+    """The event of a training start: OpenAI's words, and which start this is."""
+    if resumed:
+        return "Fine-tuning job started again after its pause" + (f", from {ckpt.name}" if ckpt else "")
+    return "Fine-tuning job started" + (f" (attempt {attempts})" if attempts > 1 else "")
 
 
 class Worker:
@@ -113,12 +143,17 @@ class Worker:
             runner.join(timeout=max(0.1, deadline - time.monotonic()))
 
     def recover(self) -> None:
-        """Jobs a stopped server left ``running``: kill what is left of them, then requeue or fail them."""
+        """Jobs a stopped server left ``running``: kill what is left of them, then requeue or fail them. Paused
+        jobs stay paused (a training process still stopping is killed: they resume from their last checkpoint)."""
+        for job in self.store.jobs_with_status("paused"):
+            if self.kill_left(job["id"]):
+                ckpt = last_checkpoint(Path(self.store.get_private(job["id"]).get("run_dir", "")))
+                self.store.add_event(job["id"], "The server restarted while this job was pausing; it is paused at "
+                                     + (f"step {ckpt.name.split('-')[1]}" if ckpt else "step 0 (it starts over when "
+                                                                                        "resumed)"))
         for job in self.store.jobs_with_status("running"):
             priv = self.store.get_private(job["id"])
-            pid = priv.get("pid")
-            if pid and alive(pid) and ours(pid, priv.get("run_dir", "")):
-                kill_group(pid)
+            self.kill_left(job["id"])
             attempts = priv.get("attempts", 1)
             log.warning("job %s was running on %s when the server stopped (attempt %s of %s)", job["id"],
                         priv.get("device") or CPU, attempts, self.cfg.max_attempts)
@@ -130,6 +165,15 @@ class Worker:
                 self.store.update_job(job["id"], status="queued", estimated_finish=None)
                 self.store.add_event(job["id"], "The server restarted while this job was running; it is queued again "
                                      + (f"and resumes from {ckpt.name}" if ckpt else "and starts over"))
+
+    def kill_left(self, job_id: str) -> bool:
+        """Kill the training process a stopped server left running for this job (if that pid is still it)."""
+        priv = self.store.get_private(job_id)
+        pid = priv.get("pid")
+        if pid and alive(pid) and ours(pid, priv.get("run_dir", "")):
+            kill_group(pid)
+            return True
+        return False
 
     def loop(self) -> None:
         while not self.stop.is_set():
@@ -201,7 +245,9 @@ class Worker:
         log.warning("job %s failed (%s): %s", job_id, code, message)
 
     def validate(self, job: dict) -> None:
-        """data_prep's checks of the job's files, then its hyperparameters resolved for the training file."""
+        """data_prep's checks of the job's files (by its method), then its hyperparameters resolved for the
+        training file."""
+        kind = job["method"]["type"]
         self.store.add_event(job["id"], "Validating training file: " + job["training_file"]
                              + (f" and validation file: {job['validation_file']}" if job["validation_file"] else ""))
         counts = {}
@@ -210,128 +256,201 @@ class Worker:
             if not file_id:
                 continue
             found = self.store.get_file(file_id)
-            counts[param], error = file_error(param, file_id, found[1] if found else None)
+            counts[param], error = file_error(param, file_id, found[1] if found else None, kind)
             if error:
-                return self.fail(job["id"], error["code"], error["message"], error["param"])
-        hp = hyperparameters.resolve(job["method"]["supervised"]["hyperparameters"], counts["training_file"],
-                                     job["model"])
-        with self.store.lock:
-            if self.store.get_job(job["id"])["status"] != "validating_files":  # cancelled meanwhile
+                with self.store.lock:  # unless paused or cancelled meanwhile
+                    if self.store.get_job(job["id"])["status"] == "validating_files":
+                        self._fail(job["id"], error["code"], error["message"], error["param"])
                 return
-            self.store.update_job(job["id"], status="queued", hyperparameters=hp,
-                                  method={"type": "supervised", "supervised": {"hyperparameters": dict(hp)}},
+        hp = hyperparameters.resolve(job["method"][kind]["hyperparameters"], counts["training_file"],
+                                     self.base(job), kind)
+        with self.store.lock:
+            if self.store.get_job(job["id"])["status"] != "validating_files":  # cancelled or paused meanwhile
+                return
+            self.store.update_job(job["id"], status="queued", **hyperparameters.job_fields(kind, hp),
                                   private={"train_examples": counts["training_file"]})
-        log.info("job %s: files validated (%d training examples, %s); queued", job["id"], counts["training_file"],
-                 ", ".join(f"{k} {v:g}" for k, v in hp.items()))
+        log.info("job %s: files validated (%d training examples, %s, %s); queued", job["id"], counts["training_file"],
+                 kind, ", ".join(f"{k} {v:g}" for k, v in hp.items()))
         self.store.add_event(job["id"], "Files validated, moving job to queued state")
 
+    def base(self, job: dict) -> str:
+        """The base snapshot the job fine-tunes (its ``model``, or the base of the ft: model it names)."""
+        return self.store.get_private(job["id"]).get("base_model") or job["model"]
+
     def plan(self, job: dict) -> tuple[str, dict, dict, dict]:
-        """(profile, its sft config with the server's overrides, resolved hyperparameters, hyperparameters.plan)."""
+        """(profile, its config with the server's overrides, resolved hyperparameters, hyperparameters.plan)."""
         from tunekit.config import read_yaml
 
         priv = self.store.get_private(job["id"])
-        profile = priv.get("profile") or profile_for(self.cfg, job["model"]) or self.cfg.sft_config
-        sft = read_yaml(profile)
-        sft.update(self.cfg.sft_overrides or {})
+        kind = job["method"]["type"]
+        profile = priv.get("profile") or self.default_profile(job)
+        config = read_yaml(profile)
+        overrides = self.cfg.sft_overrides or {}
+        config.update({k: v for k, v in overrides.items() if kind != "dpo" or k not in SFT_ONLY})
         n = priv.get("train_examples") or 1
-        hp = hyperparameters.resolve(job["method"]["supervised"]["hyperparameters"], n, job["model"])
-        return profile, sft, hp, hyperparameters.plan(sft, hp, n, job["model"], self.cfg.max_steps)
+        hp = hyperparameters.resolve(job["method"][kind]["hyperparameters"], n, self.base(job), kind)
+        return profile, config, hp, hyperparameters.plan(config, hp, n, self.base(job), self.cfg.max_steps)
+
+    def default_profile(self, job: dict) -> str:
+        """The profile of a job stored without one (the service records it at creation)."""
+        if job["method"]["type"] == "dpo":
+            return dpo_profile(self.cfg) or self.cfg.dpo_config
+        return profile_for(self.cfg, job["model"]) or self.cfg.sft_config
 
     def job_config(self, job: dict, run_dir: Path) -> tuple[Path, dict]:
-        """The sft config of this job: its profile, the server's overrides, the job's hyperparameters (see
-        hyperparameters.py for what each means locally), its seed and its wandb integration."""
-        profile, sft, hp, plan = self.plan(job)
+        """The training config of this job: its profile, the server's overrides, the job's hyperparameters (see
+        hyperparameters.py for what each means locally), its seed and its wandb integration; for DPO also
+        ``method: dpo`` and ``beta``, on an ft: model ``init_adapter``."""
+        profile, config, hp, plan = self.plan(job)
         steps = plan["max_steps"]
         wandb_keys, env, events = wandb_settings(job, run_dir)
-        sft.update(train_file=self.store.get_file(job["training_file"])[1],
-                   valid_file=self.store.get_file(job["validation_file"])[1] if job["validation_file"] else None,
-                   output_dir=str(run_dir), seed=job["seed"], report_to="none",
-                   **{k: plan[k] for k in ("max_steps", "num_train_epochs", "per_device_train_batch_size",
-                                           "gradient_accumulation_steps", "learning_rate")})
-        sft.update(wandb_keys)
-        if sft.get("valid_file") is None:
-            sft.pop("valid_file")
-            sft["eval_strategy"] = "no"
-        elif sft.get("eval_strategy", "no") != "no":
-            sft["eval_steps"] = min(int(sft.get("eval_steps") or steps), steps)
+        if job["method"]["type"] == "dpo":
+            config.update(method="dpo", beta=plan["beta"])
+        if init := self.store.get_private(job["id"]).get("init_adapter"):
+            config["init_adapter"] = init
+        config.update(train_file=self.store.get_file(job["training_file"])[1],
+                      valid_file=self.store.get_file(job["validation_file"])[1] if job["validation_file"] else None,
+                      output_dir=str(run_dir), seed=job["seed"], report_to="none",
+                      **{k: plan[k] for k in ("max_steps", "num_train_epochs", "per_device_train_batch_size",
+                                              "gradient_accumulation_steps", "learning_rate")})
+        config.update(wandb_keys)
+        if config.get("valid_file") is None:
+            config.pop("valid_file")
+            config["eval_strategy"] = "no"
+        elif config.get("eval_strategy", "no") != "no":
+            config["eval_steps"] = min(int(config.get("eval_steps") or steps), steps)
         path = run_dir.parent / f"{job['id']}.yaml"
-        path.write_text(yaml.safe_dump(sft, sort_keys=False))
-        plan_line = (f"Training {Path(str(sft.get('model_name_or_path', ''))).name} with {profile}: "
-                     + hyperparameters.describe(plan, hp, job["model"]))
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        plan_line = (f"Training {Path(str(config.get('model_name_or_path', ''))).name} with {profile}"
+                     + (f" from {job['model']}" if init else "") + ": "
+                     + hyperparameters.describe(plan, hp, self.base(job)))
         return path, {"total_steps": steps, "hyperparameters": hp, "env": env,
                       "events": [("info", plan_line), *events]}
 
     def run(self, job: dict, device: str | None = None) -> None:
         """Train a queued job on ``device`` (a GPU's CUDA_VISIBLE_DEVICES value; None or "cpu": the server's
-        environment) until it ends, is cancelled or the worker stops."""
+        environment) until it ends, is cancelled or paused, or the worker stops."""
         job_id = job["id"]
         run_dir = (self.data_dir / "runs" / job_id).resolve()
         run_dir.parent.mkdir(parents=True, exist_ok=True)
+        for name in (PAUSE_REQUEST, PAUSED):  # a resumed job's: this start trains on
+            (run_dir / name).unlink(missing_ok=True)
         config, info = self.job_config(job, run_dir)
-        attempts = self.store.get_private(job_id).get("attempts", 0) + 1
-        log_file = open(run_dir.parent / f"{job_id}.log", "ab")
+        priv = self.store.get_private(job_id)
+        attempts = priv.get("attempts", 0) + 1
+        device = device or CPU
+        proc = self.procs[job_id] = self.start_process(job_id, run_dir, config, info["env"], device)
+        kind = job["method"]["type"]
+        with self.store.lock:  # a cancel (or a pause) that came while the process started wins
+            stopped = self.store.get_job(job_id)["status"] != "queued"
+            if not stopped:
+                self.store.update_job(job_id, status="running", estimated_finish=None,
+                                      **hyperparameters.job_fields(kind, info["hyperparameters"]),
+                                      private={"pid": proc.pid, "run_dir": str(run_dir), "attempts": attempts,
+                                               "device": device, "total_steps": info["total_steps"],
+                                               "announced": True, "resumed": False})
+        if stopped:  # stopped outside the lock: the other jobs and the requests need not wait for it
+            kill_group(proc.pid)
+            proc.wait()
+            self.procs.pop(job_id, None)
+            return
+        log.info("job %s: training started on %s (pid %d, %s, %d steps, attempt %d, log %s)", job_id,
+                 "the CPU" if device == CPU else f"GPU {device}", proc.pid, kind, info["total_steps"], attempts,
+                 run_dir.parent / f"{job_id}.log")
+        self.store.add_event(job_id, started(attempts, priv.get("resumed"), last_checkpoint(run_dir)))
+        for level, message in [] if priv.get("announced") else info["events"]:
+            self.store.add_event(job_id, message, level=level)
+        rc, pause = self.watch(job_id, proc, run_dir, info["total_steps"])
+        self.procs.pop(job_id, None)
+        if rc is None or self.store.get_job(job_id)["status"] == "cancelled":
+            return
+        if pause and (pause["killed"] or (run_dir / PAUSED).exists()):
+            return self.paused(job_id, run_dir, pause)
+        if rc != 0:
+            return self.failed(job_id, run_dir, rc)
+        if pause:
+            (run_dir / PAUSE_REQUEST).unlink(missing_ok=True)
+            self.store.add_event(job_id, "The training finished before it could pause")
+        self.succeed(job, run_dir)
+
+    def start_process(self, job_id: str, run_dir: Path, config: Path, extra_env: dict, device: str):
+        """``accelerate launch`` of the job's config in a process group of its own, its output in the job's log."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
                "TUNEKIT_RUN_DIR": str(run_dir)}
         if Path(str(yaml.safe_load(config.read_text()).get("model_name_or_path", ""))).exists():
             env.setdefault("HF_HUB_OFFLINE", "1")  # a local base never needs the hub; a hub id downloads
         env.pop(self.cfg.api_key_env, None)
-        env.update(info["env"])
+        env.update(extra_env)
         if self.cfg.omp_num_threads:
             env["OMP_NUM_THREADS"] = str(self.cfg.omp_num_threads)
-        device = device or CPU
         if device != CPU:
             env["CUDA_VISIBLE_DEVICES"] = device  # this GPU only, as cuda:0
-        proc = self.procs[job_id] = subprocess.Popen(accelerate_command(config), cwd=ROOT, env=env, stdout=log_file,
-                                                     stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True)
-        log_file.close()
-        hp = info["hyperparameters"]
-        method = {"type": "supervised", "supervised": {"hyperparameters": dict(hp)}}
-        with self.store.lock:  # a cancel that came while the process started wins
-            cancelled = self.store.get_job(job_id)["status"] != "queued"
-            if not cancelled:
-                self.store.update_job(job_id, status="running", hyperparameters=hp, method=method,
-                                      estimated_finish=None, private={"pid": proc.pid, "run_dir": str(run_dir),
-                                                                      "attempts": attempts, "device": device,
-                                                                      "total_steps": info["total_steps"]})
-        if cancelled:  # stopped outside the lock: the other jobs and the requests need not wait for it
-            kill_group(proc.pid)
-            proc.wait()
-            self.procs.pop(job_id, None)
-            return
-        log.info("job %s: training started on %s (pid %d, %d steps, attempt %d, log %s)", job_id,
-                 "the CPU" if device == CPU else f"GPU {device}", proc.pid, info["total_steps"], attempts,
-                 run_dir.parent / f"{job_id}.log")
-        self.store.add_event(job_id, "Fine-tuning job started" + (f" (attempt {attempts})" if attempts > 1 else ""))
-        for level, message in info["events"] if attempts == 1 else []:
-            self.store.add_event(job_id, message, level=level)
-        seen = {"lines": 0}
+        with open(run_dir.parent / f"{job_id}.log", "ab") as log_file:
+            return subprocess.Popen(accelerate_command(config), cwd=ROOT, env=env, stdout=log_file, stderr=log_file,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def watch(self, job_id: str, proc: subprocess.Popen, run_dir: Path, total: int) -> tuple[int | None, dict | None]:
+        """Follow the training process to its end, turning its output into events and checkpoints: (its exit
+        status, the pause asked of it or None). Status None: stopped here (cancelled, or the worker stops)."""
+        seen, pause = {"lines": 0}, None
         while True:
             rc = proc.poll()
-            self.collect(job_id, run_dir, info["total_steps"], seen)
+            self.collect(job_id, run_dir, total, seen)
             if rc is not None:
-                break
+                return rc, pause
             status = self.store.get_job(job_id)["status"]
             if status == "cancelled" or self.stop.is_set():
                 kill_group(proc.pid)
                 proc.wait()
-                self.procs.pop(job_id, None)
                 if status == "cancelled":
                     log.info("job %s: cancelled; training process stopped", job_id)
                     self.store.add_event(job_id, "Training process stopped")
-                return  # on shutdown the job stays running; recover() requeues it at the next start
+                return None, pause  # on shutdown a running job stays running; recover() requeues it at the next start
+            if status != "running" and pause is None:  # paused (and maybe resumed since): stop at a checkpoint
+                pause = self.request_pause(job_id, run_dir)
+            if pause and time.monotonic() > pause["deadline"]:
+                log.warning("job %s: its training did not stop within pause_timeout_s (%g s) of the pause; killing "
+                            "it (it pauses at its last complete checkpoint)", job_id, self.cfg.pause_timeout_s)
+                kill_group(proc.pid)
+                proc.wait()
+                self.collect(job_id, run_dir, total, seen)
+                return proc.returncode, {**pause, "killed": True}
             time.sleep(0.5)
-        self.procs.pop(job_id, None)
-        if self.store.get_job(job_id)["status"] == "cancelled":
-            return
-        if rc != 0:
-            log_path = run_dir.parent / f"{job_id}.log"
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-20:]
-            errors = [l for l in tail if l.startswith("error:")]
-            reason = errors[-1][len("error: "):] if errors else (tail[-1] if tail else f"exit status {rc}")
-            log.error("job %s: training exited with status %s; the last lines of %s:\n%s", job_id, rc, log_path,
-                      "\n".join(tail) or "(empty)")
-            return self.fail(job_id, "training_failed", f"training exited with status {rc}: {reason}")
-        self.succeed(job, run_dir)
+
+    def request_pause(self, job_id: str, run_dir: Path) -> dict:
+        """Ask the training process to stop at a new checkpoint: the file it looks for after each step."""
+        (run_dir / PAUSE_REQUEST).touch()
+        log.info("job %s: pause requested; its training stops at a checkpoint after its current step (at most %g s)",
+                 job_id, self.cfg.pause_timeout_s)
+        return {"deadline": time.monotonic() + float(self.cfg.pause_timeout_s), "killed": False}
+
+    def paused(self, job_id: str, run_dir: Path, pause: dict) -> None:
+        """The training stopped for a pause: at the step its paused.json names, or (killed) at its last complete
+        checkpoint. The job stays paused (or queued, if resumed meanwhile) and goes on from there."""
+        try:
+            step = int(json.loads((run_dir / PAUSED).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            ckpt = last_checkpoint(run_dir)
+            step = int(ckpt.name.split("-")[1]) if ckpt else 0
+        with self.store.lock:
+            if self.store.get_job(job_id)["status"] in TERMINAL:
+                return
+            self.store.update_job(job_id, estimated_finish=None)
+        how = (f" (its last complete checkpoint: the training had not stopped {self.cfg.pause_timeout_s:g} s after "
+               "the request and was killed)" if pause["killed"] and not (run_dir / PAUSED).exists() else "")
+        self.store.add_event(job_id, f"Fine-tuning job paused at step {step}{how}"
+                             + ("; it starts over when resumed" if step == 0 else ""))
+        log.info("job %s: paused at step %d%s", job_id, step, " (killed)" if how else "")
+
+    def failed(self, job_id: str, run_dir: Path, rc: int) -> None:
+        """A training process that exited with an error: the job fails with the reason its log gives."""
+        log_path = run_dir.parent / f"{job_id}.log"
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-20:]
+        errors = [l for l in tail if l.startswith("error:")]
+        reason = errors[-1][len("error: "):] if errors else (tail[-1] if tail else f"exit status {rc}")
+        log.error("job %s: training exited with status %s; the last lines of %s:\n%s", job_id, rc, log_path,
+                  "\n".join(tail) or "(empty)")
+        self.fail(job_id, "training_failed", f"training exited with status {rc}: {reason}")
 
     def collect(self, job_id: str, run_dir: Path, total: int, seen: dict) -> None:
         """New metrics.jsonl lines -> metrics events (and ``estimated_finish`` from the steps per second so
@@ -365,7 +484,7 @@ class Worker:
                     self.estimate(job_id, data["step"], total, seen)
         job = self.store.get_job(job_id)
         for step, _ckpt in done:
-            name = f"{model_name(job, self.cfg.organization)}:ckpt-step-{step}"
+            name = f"{model_name(job, self.cfg.organization, self.base(job))}:ckpt-step-{step}"
             obj = {"object": "fine_tuning.job.checkpoint", "id": new_id("ftckpt_"), "created_at": int(time.time()),
                    "fine_tuned_model_checkpoint": name, "step_number": step,
                    "fine_tuning_job_id": job_id, "metrics": step_metrics(run_dir, step)}
@@ -387,7 +506,7 @@ class Worker:
 
     def succeed(self, job: dict, run_dir: Path) -> None:
         job_id = job["id"]
-        name = model_name(job, self.cfg.organization)
+        name = model_name(job, self.cfg.organization, self.base(job))
         csv_bytes = results_csv(run_dir)
         content = base64.b64encode(csv_bytes) if self.cfg.result_base64 else csv_bytes
         file_id = new_id("file-")
