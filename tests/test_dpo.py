@@ -149,6 +149,10 @@ def test_pause_at_a_fresh_checkpoint_then_resume_to_the_same_final_step(tmp_path
     assert dpo_main("--config", str(cfg)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["resumed_from"].endswith("checkpoint-1")
+    plain = write_config(tmp_path / "plain.yaml", tiny_model_dir, pref_data, tmp_path / "plain", max_steps=6,
+                         logging_steps=1, eval_strategy="no", save_steps=100)
+    assert dpo_main("--config", str(plain)) == 0  # the tokens trained count the steps before the pause too
+    assert summary["train_tokens"] == json.loads((tmp_path / "plain/summary.json").read_text())["train_tokens"] > 0
     assert not (out / "paused.json").exists()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]

@@ -269,6 +269,24 @@ class PauseOnRequest(TrainerCallback):
         return control
 
 
+class TokenCount(TrainerCallback):
+    """Keeps TRL's count of trained tokens across a resume: each checkpoint records it (``tokens.json``), and a
+    resumed run starts counting from it (TRL's own counter starts at 0 in every process)."""
+
+    FILE = "tokens.json"
+
+    def __init__(self, trainer, resume: Path | None):
+        self.trainer = trainer
+        saved = resume / self.FILE if resume else None
+        if saved is not None and saved.is_file() and hasattr(trainer, "_total_train_tokens"):
+            trainer._total_train_tokens = json.loads(saved.read_text())["num_tokens"]
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and ckpt.is_dir() and hasattr(self.trainer, "_total_train_tokens"):
+            (ckpt / self.FILE).write_text(json.dumps({"num_tokens": int(self.trainer._total_train_tokens)}) + "\n")
+
+
 def pick_precision(training) -> str:
     return "fp16" if training.fp16 else "bf16" if training.bf16 else "fp32"
 
@@ -286,6 +304,7 @@ def run(trainer, script, training, model_args, *, method: str, started: float, e
     trainer.add_callback(FiniteLossGuard(precision))
     resume = last_complete_checkpoint(run_dir) if run_dir.exists() else None
     trainer.add_callback(RunLog(run_dir, int(resume.name.split("-")[1]) if resume else 0))
+    trainer.add_callback(TokenCount(trainer, resume))
     pause = PauseOnRequest(run_dir)
     trainer.add_callback(pause)
     (run_dir / PAUSED_FILE).unlink(missing_ok=True)
