@@ -3,6 +3,10 @@
     python bench/dpo_use_case.py                          # 200 SFT steps, then 100 DPO steps (~20 min, 2 cores)
     python bench/dpo_use_case.py --sft-steps 640 --dpo-steps 200 --eval 329
     python bench/dpo_use_case.py --dry-run                # the commands, nothing run
+    python bench/dpo_use_case.py --name lr5e-5 --dpo-args "--learning_rate 5e-5"   # one more DPO variant
+
+A finished run is not trained again (``tunekit train`` reuses it), and each model's scores are kept in
+runs/dpo_use_case/eval/, so a variant (``--name``, ``--dpo-args``) costs only its own DPO run and scoring.
 
 The pairs are configs/banking77/build_dpo.yaml's: a card query, its intent as the preferred answer and the
 intent it is most often mistaken for (data/confusable.yaml) as the non-preferred one; the supervised data is
@@ -27,6 +31,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -52,10 +57,14 @@ def commands(args) -> list[tuple[str, list[str]]]:
                        "--eval-strategy", "no", "--save-steps", str(args.sft_steps)]),
         ("train sft+dpo", [*TUNEKIT, "train", "configs/banking77/dpo_cpu.yaml", "--init-adapter", str(OUT / "sft"),
                            "--train-file", str(OUT / "dpo_data/train.jsonl"), "--valid-file",
-                           str(OUT / "dpo_data/valid.jsonl"), "--output-dir", str(OUT / "sft_dpo"),
+                           str(OUT / "dpo_data/valid.jsonl"), "--output-dir", str(OUT / dpo_dir(args)),
                            "--max-steps", str(args.dpo_steps), "--eval-strategy", "no",
-                           "--save-steps", str(args.dpo_steps)]),
+                           "--save-steps", str(args.dpo_steps), *shlex.split(args.dpo_args)]),
     ]
+
+
+def dpo_dir(args) -> str:
+    return "sft_dpo" + (f"_{args.name}" if args.name else "")
 
 
 def load(adapter: Path | None):
@@ -111,12 +120,25 @@ def evaluate(adapter: Path | None, pairs: list[dict]) -> dict:
             "eval_s": round(time.time() - started, 1)}
 
 
+def cached(name: str, adapter: Path | None, pairs: list[dict]) -> dict:
+    """evaluate(), kept in runs/dpo_use_case/eval/ per model and number of pairs (a finished run does not change)."""
+    path = OUT / "eval" / f"{name.replace(' ', '_').replace('/', '_')}_{len(pairs)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = evaluate(adapter, pairs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result) + "\n")
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sft-steps", type=int, default=200)
     ap.add_argument("--dpo-steps", type=int, default=100)
     ap.add_argument("--eval", type=int, default=200, help="held-out pairs to score (a seeded sample)")
+    ap.add_argument("--name", default="", help="a DPO variant's name: its run is runs/dpo_use_case/sft_dpo_NAME")
+    ap.add_argument("--dpo-args", default="", help="train/dpo.py flags of the variant, e.g. '--learning_rate 5e-5'")
     ap.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
     args = ap.parse_args(argv)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -132,19 +154,20 @@ def main(argv=None) -> int:
         return 0
     pairs = [json.loads(line) for line in (OUT / "dpo_data/valid.jsonl").read_text().splitlines() if line.strip()]
     pairs = random.Random(0).sample(pairs, min(args.eval, len(pairs)))
-    results = {name: evaluate(adapter, pairs) for name, adapter in
-               (("base", None), ("sft", OUT / "sft"), ("sft+dpo", OUT / "sft_dpo"))}
+    label = "sft+dpo" + (f" ({args.name})" if args.name else "")
+    results = {name: cached(name, adapter, pairs) for name, adapter in
+               (("base", None), ("sft", OUT / "sft"), (label, OUT / dpo_dir(args)))}
     print(f"\n{len(pairs)} held-out pairs (banking77 card intents; non-preferred = the most confusable intent)")
     print(f"{'model':<10} {'preference acc':>15} {'task acc':>9}")
     for name, r in results.items():
         print(f"{name:<10} {r['preference_accuracy']:>15.3f} {r['task_accuracy']:>9.3f}")
     print("wall time (s): " + ", ".join(f"{k} {v}" for k, v in walls.items()))
-    record = {"command": "python bench/dpo_use_case.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "sft_steps": args.sft_steps, "dpo_steps": args.dpo_steps, "eval_pairs": len(pairs),
-              "results": results, "wall_s": walls, "cpu": platform.processor() or platform.machine(),
-              "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
-              "dpo_summary": json.loads((OUT / "sft_dpo/summary.json").read_text())}
-    path = ROOT / "bench/results/dpo_use_case.json"
+    record = {"command": "python bench/dpo_use_case.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+              "sft_steps": args.sft_steps, "dpo_steps": args.dpo_steps, "dpo_args": args.dpo_args,
+              "eval_pairs": len(pairs), "results": results, "wall_s": walls,
+              "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+              "dpo_summary": json.loads((OUT / dpo_dir(args) / "summary.json").read_text())}
+    path = ROOT / "bench/results" / f"dpo_use_case{'_' + args.name if args.name else ''}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
