@@ -115,7 +115,7 @@ def load_preference_examples(path: Path) -> list[dict]:
         if found:
             code, message = found[0]
             raise UserError(f"{path}:{lineno}: {code}: {message}; "
-                            f"run `python -m data_prep validate {path}` for every problem")
+                            f"run `tunekit validate {path}` for every problem")
         out.append(ex)
     if not out:
         raise UserError(f"{path}: no examples")

@@ -54,7 +54,7 @@ def load_examples(path: Path) -> list[list[dict]]:
     for lineno, ex in iter_jsonl(path):
         if not isinstance(ex, dict) or not isinstance(ex.get("messages"), list):
             raise UserError(f"{path}:{lineno}: not a chat example (no 'messages' list); "
-                            f"run `python -m data_prep validate {path}`")
+                            f"run `tunekit validate {path}`")
         out.append(ex["messages"])
     if not out:
         raise UserError(f"{path}: no examples")

@@ -74,7 +74,7 @@ class DistilConfig:
     def check(self, where: str) -> None:
         problems = []
         if not self.data:
-            problems.append("data: required (chat JSONL of prompts, e.g. train.jsonl from data_prep build)")
+            problems.append("data: required (chat JSONL of prompts, e.g. train.jsonl from `tunekit build`)")
         elif not Path(self.data).is_file():
             problems.append(f"data: {self.data} not found")
         if not self.out:
@@ -269,7 +269,7 @@ def console_lines(report: dict, work: Path) -> list[str]:
         lines.append("  some requests failed after their retries: rerun the same command with --resume")
     if report["answered"] < MIN_EXAMPLES:
         lines.append(f"  note: OpenAI fine-tuning needs at least {MIN_EXAMPLES} examples; "
-                     "`python -m data_prep validate` will say so")
+                     "`tunekit validate` will say so")
     return lines
 
 

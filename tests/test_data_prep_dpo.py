@@ -207,7 +207,7 @@ def test_stats_on_a_malformed_dpo_file_is_one_line(tmp_path):
     proc = run_cli("-m", "data_prep", "stats", str(f), "--no-plot")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert f"{f}:2: missing_preferred_output" in proc.stderr and "data_prep validate" in proc.stderr
+    assert f"{f}:2: missing_preferred_output" in proc.stderr and "tunekit validate" in proc.stderr
 
 
 # ---------------------------------------------------------------- build

@@ -22,9 +22,9 @@ def load_chat_jsonl(path: str, key: str) -> list[dict]:
 
     p = Path(path)
     if not path:
-        raise UserError(f"{key}: required (the chat JSONL from `python -m data_prep build`)")
+        raise UserError(f"{key}: required (the chat JSONL from `tunekit build`)")
     if not p.is_file():
-        raise UserError(f"{key}: {path} not found; build it with `python -m data_prep build --config ...`")
+        raise UserError(f"{key}: {path} not found; build it with `tunekit build --config ...`")
     rows, problems = [], []
     for lineno, ex, error in jsonl_lines(p):
         found = [("invalid_json", error)] if error else check_example(ex)
@@ -34,7 +34,7 @@ def load_chat_jsonl(path: str, key: str) -> list[dict]:
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise UserError(f"{key}: {path} is not valid chat JSONL: {'; '.join(problems[:5])}{more}; "
-                        f"run `python -m data_prep validate {path}`")
+                        f"run `tunekit validate {path}`")
     if not rows:
         raise UserError(f"{key}: {path} holds no examples")
     return rows

@@ -109,7 +109,7 @@ class FiniteLossGuard(TrainerCallback):
                      else "a learning rate far too high or broken data")
             fix = ("lower learning_rate, or train in fp32 on this GPU (fp16: false, dtype: float32)"
                    if self.precision == "fp16" else "lower learning_rate and check the data with "
-                   "`python -m data_prep validate`")
+                   "`tunekit validate`")
             print(file=sys.stderr)  # end the progress bar's line: the error is a line of its own
             raise UserError(f"training loss is {loss} at step {state.global_step} (learning_rate "
                             f"{args.learning_rate}, {self.precision}): likely {cause}; {fix}")

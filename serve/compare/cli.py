@@ -72,9 +72,9 @@ class CompareConfig:
     def check(self, where: str) -> None:
         problems = []
         if not self.data:
-            problems.append("data: required (held-out chat JSONL, e.g. valid.jsonl from data_prep build)")
+            problems.append("data: required (held-out chat JSONL, e.g. valid.jsonl from `tunekit build`)")
         elif not Path(self.data).is_file():
-            problems.append(f"data: {self.data} not found (build it with `python -m data_prep build`)")
+            problems.append(f"data: {self.data} not found (build it with `tunekit build`)")
         if self.task not in TASKS:
             problems.append(f"task: {self.task!r}; use one of {', '.join(TASKS)}")
         if self.train_data and not Path(self.train_data).is_file():

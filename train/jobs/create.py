@@ -17,7 +17,7 @@ from tunekit.errors import UserError
 
 @dataclass
 class OpenAIJobConfig:
-    train_file: str = field(default="", metadata={"help": "chat JSONL to train on (from `data_prep build`)"})
+    train_file: str = field(default="", metadata={"help": "chat JSONL to train on (from `tunekit build`)"})
     valid_file: str | None = field(default=None, metadata={"help": "chat JSONL to validate on"})
     model: str = field(default=DEFAULT_OPENAI_MODEL, metadata={
         "help": "the model to fine-tune on OpenAI (and whose tokenizer counts)"})
@@ -81,7 +81,7 @@ def check_files(cfg: OpenAIJobConfig) -> dict:
     from data_prep.validate import validate_file
 
     if not cfg.train_file:
-        raise UserError("train_file: required (the chat JSONL from `python -m data_prep build`)")
+        raise UserError("train_file: required (the chat JSONL from `tunekit build`)")
     problems = []
     for key in ("train_file", "valid_file"):
         path = getattr(cfg, key)
@@ -91,7 +91,7 @@ def check_files(cfg: OpenAIJobConfig) -> dict:
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise UserError(f"the files are not valid fine-tuning data ({len(problems)} problem(s)):\n  {shown}\n"
-                        "fix them (see `python -m data_prep validate FILE`) and run create again")
+                        "fix them (see `tunekit validate FILE`) and run create again")
     epochs = cfg.n_epochs if isinstance(cfg.n_epochs, int) else None
     return compute(Path(cfg.train_file), cfg.model, None, epochs)
 
