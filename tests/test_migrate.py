@@ -313,3 +313,40 @@ def test_a_job_on_an_ft_model_comes_after_its_parent_and_trains_on_the_migrated_
     assert [r.action for r in rows] == ["skip", "create"]
     assert rows[1].model == "ft:gpt-4o-mini-2024-07-18:personal::new" and "checkpoint" in rows[1].note
     assert job_request(dpo, {"training_file": "f"}, rows[1].model)["model"] == rows[1].model
+
+
+@pytest.mark.slow
+def test_a_dpo_job_on_a_fine_tune_migrates_after_its_parent(servers, toy_files, tmp_path):  # noqa: F811
+    """The DPO guide's shape on the source (a supervised job, then DPO on its ft: model); migrate re-creates the
+    supervised job, lists the DPO job as waiting for it, and once the copy has succeeded re-creates the DPO job
+    on the copy's model with its method and beta."""
+    from test_finetune_api_dpo import DPO_TRAIN
+
+    source, target = servers
+    src, dst = source.client(), target.client()
+    chat = src.files.create(file=open(toy_files / "train.jsonl", "rb"), purpose="fine-tune")
+    pairs = src.files.create(file=("pairs.jsonl", DPO_TRAIN), purpose="fine-tune")
+    sft = wait_status(src, src.fine_tuning.jobs.create(model="tiny-llama", training_file=chat.id, seed=1).id,
+                      ("succeeded", "failed"), timeout=300)
+    assert sft.status == "succeeded", sft.error
+    dpo_method = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 1, "batch_size": 4}}}
+    dpo = wait_status(src, src.fine_tuning.jobs.create(model=sft.fine_tuned_model, training_file=pairs.id, seed=2,
+                                                       method=dpo_method).id, ("succeeded", "failed"), timeout=300)
+    assert dpo.status == "succeeded", dpo.error
+    flags = ["--from-base-url", source.base_url, "--to-base-url", target.base_url, "--jobs-dir", str(tmp_path / "j"),
+             "--job", dpo.id, "--job", sft.id]
+
+    first = migrate("migrate", *flags, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "created 1 job(s)" in first.stdout and f"note: {dpo.id} trains on {sft.fine_tuned_model}" in first.stdout
+    copy = next(j for j in dst.fine_tuning.jobs.list(limit=100).data if j.metadata["migrated_from"] == sft.id)
+    copy = wait_status(dst, copy.id, ("succeeded", "failed"), timeout=300)
+    assert copy.status == "succeeded", copy.error
+
+    second = migrate("migrate", *flags, cwd=tmp_path)
+    assert second.returncode == 0 and "created 1 job(s)" in second.stdout, second.stdout + second.stderr[-2000:]
+    new = next(j for j in dst.fine_tuning.jobs.list(limit=100).data if j.metadata["migrated_from"] == dpo.id)
+    assert new.model == copy.fine_tuned_model and new.method.type == "dpo"
+    done = wait_status(dst, new.id, ("succeeded", "failed"), timeout=300)
+    assert done.status == "succeeded", done.error
+    assert hyperparameters_of(done) == hyperparameters_of(dpo) and hyperparameters_of(done)["beta"] == 0.25
