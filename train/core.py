@@ -257,13 +257,23 @@ def fp32_trainables(trainer, training) -> None:
 
 
 class PauseOnRequest(TrainerCallback):
-    """A step that ends with ``<run_dir>/pause_requested`` present saves a checkpoint and stops the run."""
+    """A step that ends with ``<run_dir>/pause_requested`` present saves a checkpoint and stops the run. With
+    several processes they agree first (a process that stopped alone would leave the others waiting)."""
 
-    def __init__(self, run_dir: Path):
-        self.path, self.step = run_dir / PAUSE_FILE, None
+    def __init__(self, run_dir: Path, accelerator=None):
+        self.path, self.step, self.accelerator = run_dir / PAUSE_FILE, None, accelerator
+
+    def requested(self) -> bool:
+        here = self.path.exists()
+        if self.accelerator is None or self.accelerator.num_processes < 2:
+            return here
+        import torch
+
+        flag = torch.tensor([float(here)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.path.exists() and state.global_step < state.max_steps:
+        if state.global_step < state.max_steps and self.requested():
             control.should_save = control.should_training_stop = True
             self.step = state.global_step
         return control
@@ -305,7 +315,7 @@ def run(trainer, script, training, model_args, *, method: str, started: float, e
     resume = last_complete_checkpoint(run_dir) if run_dir.exists() else None
     trainer.add_callback(RunLog(run_dir, int(resume.name.split("-")[1]) if resume else 0))
     trainer.add_callback(TokenCount(trainer, resume))
-    pause = PauseOnRequest(run_dir)
+    pause = PauseOnRequest(run_dir, trainer.accelerator)
     trainer.add_callback(pause)
     (run_dir / PAUSED_FILE).unlink(missing_ok=True)
 
