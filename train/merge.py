@@ -5,7 +5,8 @@
 
 The base model is read from the adapter's ``adapter_config.json`` and loaded unquantized (merging
 into 4-bit weights would round the adapter away), the adapter is folded into its weights, and the
-result is saved with the run's tokenizer and chat template.
+result is saved with the run's tokenizer and chat template. ``tunekit export RUN --format merged``
+does the same; ``--format gguf`` / ``ollama`` write one GGUF file from the same merge (train/export.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,19 @@ if str(ROOT) not in sys.path:
 from tunekit.errors import UserError  # noqa: E402
 
 
-def merge(run_dir: Path, out: Path, dtype: str | None = None) -> Path:
+def tokenizer_dir(run_dir: Path) -> Path:
+    """Where the run's tokenizer is: the run directory, or for a checkpoint-N folder without one, its run."""
+    if not (run_dir / "tokenizer_config.json").is_file() and (run_dir.parent / "tokenizer_config.json").is_file():
+        return run_dir.parent
+    return run_dir
+
+
+def load_merged(run_dir: Path, dtype: str | None = None):
+    """(the base model with the adapter of ``run_dir`` folded in, the run's tokenizer)."""
     cfg_path = run_dir / "adapter_config.json"
     if not cfg_path.is_file():
-        raise UserError(f"{run_dir}: no adapter_config.json; give a run directory written by train/sft.py")
+        raise UserError(f"{run_dir}: no adapter_config.json; give a run directory written by train/sft.py "
+                        "(or one of its checkpoint-N folders)")
     base = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
     import torch
     from peft import AutoPeftModelForCausalLM
@@ -38,11 +48,15 @@ def merge(run_dir: Path, out: Path, dtype: str | None = None) -> Path:
         model = AutoPeftModelForCausalLM.from_pretrained(str(run_dir), dtype=torch_dtype)
     except OSError as e:
         raise UserError(f"{cfg_path}: cannot load the base model {base} ({str(e).splitlines()[0]})") from None
-    merged = model.merge_and_unload()
+    return model.merge_and_unload(), AutoTokenizer.from_pretrained(str(tokenizer_dir(run_dir)))
+
+
+def merge(run_dir: Path, out: Path, dtype: str | None = None) -> Path:
+    merged, tokenizer = load_merged(run_dir, dtype)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp))
-    AutoTokenizer.from_pretrained(str(run_dir)).save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

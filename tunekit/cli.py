@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "stats": ("data_prep.__main__", ["stats"], "token counts, epochs and the OpenAI training cost of a file"),
     "train": ("tunekit.cli", [], "LoRA/QLoRA fine-tuning (sft or dpo): accelerate launch train/<method>.py --config CONFIG"),
     "merge": ("train.merge", [], "merge a LoRA adapter into its base model (one plain model folder)"),
+    "export": ("train.export", [], "a run as a merged folder, one GGUF file, or GGUF + Ollama Modelfile (laptops)"),
     "hardware": ("train.hardware", [], "the GPU, its compute capability, driver and torch CUDA version"),
     "serve": ("serve.vllm_server", [], "vLLM's OpenAI-compatible server with the base model and adapters"),
     "adapters": ("serve.adapters", [], "list, load and unload adapters on a running server"),
@@ -125,7 +126,7 @@ def usage() -> str:
 
 # a missing import -> the extra that installs it (the base install is the OpenAI path, without torch)
 EXTRAS = {"torch": "train", "transformers": "train", "tokenizers": "train", "peft": "train", "trl": "train",
-          "datasets": "train", "accelerate": "train", "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
+          "datasets": "train", "accelerate": "train", "gguf": "train", "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
           "gradio": "ui", "bitsandbytes": "gpu", "vllm": "gpu"}
 
 
