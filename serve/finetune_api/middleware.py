@@ -4,7 +4,8 @@ Both middlewares are plain ASGI (no ``BaseHTTPMiddleware``), so a streamed respo
 untouched and an exception reaches ``RequestLog`` as itself, logged once with its own traceback.
 
 - ``KeyCheck``: every /v1 path needs ``Authorization: Bearer KEY`` when the server has a key (401
-  ``invalid_api_key`` otherwise); /health and the docs do not.
+  ``invalid_api_key`` otherwise); /health, the docs and the dashboard's page and static files (/, /static:
+  no data, dashboard.py) do not. The dashboard sends the key on each /v1 call it makes, like any client.
 - ``RequestLog`` (outermost, logger ``serve.finetune_api.middleware``): one line per request at INFO
   (/health at DEBUG): client, method, path, status, milliseconds. It never logs a header, the query
   or a body, so never the key. An exception that no handler took is logged with its traceback and

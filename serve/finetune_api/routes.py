@@ -6,6 +6,8 @@ Each route reads its parameters, calls the service and returns what it gives; it
 (``models.py``) checks the JSON on the way out. The key check, the request log and the error
 envelope around them are in ``middleware.py``.
 
+``/`` is the dashboard (``dashboard.py``: one page and its static files, built on these routes).
+
 ``create_app(cfg, api_key, run_worker=False)`` builds the app without starting the job worker: requests are
 served from the store and jobs stay queued (the unit tests use it with FastAPI's TestClient).
 ``upstream`` (a ``proxy.Upstream``) is where chat goes; by default ``cfg.vllm_url``. The app starts no
@@ -22,6 +24,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse
 
 from .config import FinetuneAPIConfig
+from .dashboard import add_dashboard
 from .middleware import add_error_handlers, add_middleware
 from .models import (CheckpointList, ErrorResponse, EventList, FileDeleted, FileList, FileObject, FineTuningJob,
                      Health, JobCreateRequest, JobList, Model, ModelList)
@@ -194,4 +197,5 @@ def create_app(cfg: FinetuneAPIConfig, api_key: str | None = None, *, run_worker
     add_middleware(app, api_key)
     app.include_router(router)
     app.add_api_route("/health", health, methods=["GET"], response_model=Health)
+    add_dashboard(app)
     return app
