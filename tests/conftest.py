@@ -105,7 +105,7 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
                       tie_word_embeddings=False, initializer_range=0.3)
     # a large init range: LoRA leaves lm_head frozen, and with the default 0.02 its logits could
     # never move far from uniform after the final RMSNorm
-    out = tmp_path_factory.mktemp("tiny_llama")
+    out = tmp_path_factory.mktemp("tiny_llama") / "tiny-llama"  # the fine-tuning API's tests name it so
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out

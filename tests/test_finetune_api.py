@@ -35,21 +35,9 @@ OPENAPI = Path(__file__).resolve().parent / "data" / "openai-openapi" / "schemas
 
 
 @pytest.fixture(scope="session")
-def ft_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    """A randomly initialised 2-layer Llama with the tiny ChatML tokenizer (as in test_sft.py)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                      tie_word_embeddings=False, initializer_range=0.3)
-    out = tmp_path_factory.mktemp("ft_tiny_llama") / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def ft_model_dir(tiny_model_dir) -> Path:
+    """conftest's randomly initialised 2-layer Llama, in a folder named tiny-llama (the base model's name)."""
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="session")
