@@ -126,7 +126,9 @@ def usage() -> str:
 
 # a missing import -> the extra that installs it (the base install is the OpenAI path, without torch)
 EXTRAS = {"torch": "train", "transformers": "train", "tokenizers": "train", "peft": "train", "trl": "train",
-          "datasets": "train", "accelerate": "train", "gguf": "train", "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
+          "datasets": "train", "accelerate": "train", "gguf": "train",
+          "fastapi": "serve", "uvicorn": "serve", "multipart": "serve",
+          "rapidfuzz": "serve", "sacrebleu": "serve", "nltk": "serve", "rouge_score": "serve",
           "gradio": "ui", "bitsandbytes": "gpu", "vllm": "gpu"}
 
 

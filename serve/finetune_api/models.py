@@ -22,7 +22,8 @@ from pydantic import BaseModel
 
 __all__ = ["CheckpointList", "ErrorDetail", "ErrorResponse", "EventList", "FileDeleted", "FileList", "FileObject",
            "FineTuningJob", "FineTuningJobCheckpoint", "FineTuningJobEvent", "FineTuningJobWandbIntegrationObject",
-           "Health", "JobCreateRequest", "JobList", "Model", "ModelList", "envelope"]
+           "GraderErrors", "GraderRunMetadata", "GraderRunResponse", "GraderValidateResponse", "Health",
+           "JobCreateRequest", "JobList", "Model", "ModelList", "envelope"]
 
 
 # ----------------------------------------------------------------------------- the job
@@ -75,6 +76,51 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+
+
+# ----------------------------------------------------------------------------- graders (serve/graders)
+
+
+class GraderErrors(BaseModel):
+    """RunGraderResponse's ``metadata.errors``: every flag OpenAI names, all required."""
+    formula_parse_error: bool
+    sample_parse_error: bool
+    truncated_observation_error: bool
+    unresponsive_reward_error: bool
+    invalid_variable_error: bool
+    other_error: bool
+    python_grader_server_error: bool
+    python_grader_server_error_type: str | None
+    python_grader_runtime_error: bool
+    python_grader_runtime_error_details: str | None
+    model_grader_server_error: bool
+    model_grader_refusal_error: bool
+    model_grader_parse_error: bool
+    model_grader_server_error_details: str | None
+
+
+class GraderRunMetadata(BaseModel):
+    name: str
+    type: str
+    errors: GraderErrors
+    execution_time: float
+    scores: dict[str, Any]
+    token_usage: int | None
+    sampled_model_name: str | None
+
+
+class GraderRunResponse(BaseModel):
+    """POST /v1/fine_tuning/alpha/graders/run (OpenAI's RunGraderResponse)."""
+    reward: float
+    metadata: GraderRunMetadata
+    sub_rewards: dict[str, Any]
+    model_grader_token_usage_per_model: dict[str, Any]
+
+
+class GraderValidateResponse(BaseModel):
+    """POST /v1/fine_tuning/alpha/graders/validate: the grader as sent (a dict: multi's ``graders`` may be
+    OpenAI's {name: grader} map, which the SDK's single-grader type does not describe)."""
+    grader: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- errors

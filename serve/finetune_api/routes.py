@@ -1,5 +1,6 @@
 """The FastAPI app: OpenAI's /v1/files and /v1/fine_tuning/jobs routes (create, list, retrieve, cancel, pause,
-resume, events, checkpoints), thin over ``service.Service``, and /v1/models, /v1/chat/completions and
+resume, events, checkpoints), thin over ``service.Service``, /v1/fine_tuning/alpha/graders/run and /validate
+(``serve.graders``), and /v1/models, /v1/chat/completions and
 /v1/completions, forwarded to the vLLM server by ``proxy.Proxy``.
 
 Each route reads its parameters, calls the service and returns what it gives; its ``response_model``
@@ -26,8 +27,9 @@ from fastapi.responses import FileResponse
 from .config import FinetuneAPIConfig
 from .dashboard import add_dashboard
 from .middleware import add_error_handlers, add_middleware
+from .errors import APIError
 from .models import (CheckpointList, ErrorResponse, EventList, FileDeleted, FileList, FileObject, FineTuningJob,
-                     Health, JobCreateRequest, JobList, Model, ModelList)
+                     GraderRunResponse, GraderValidateResponse, Health, JobCreateRequest, JobList, Model, ModelList)
 from .proxy import Models, Proxy, Upstream
 from .service import PURPOSES, Service
 from .store import Store
@@ -140,6 +142,75 @@ def list_checkpoints(job_id: str, svc: Svc, after: str | None = None, limit: int
     return svc.list_checkpoints(job_id, after, limit)
 
 
+# ----------------------------------------------------------------------------- graders (serve/graders)
+
+GRADER_RUN_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["grader", "model_sample"],
+    "properties": {"grader": {"type": "object"}, "model_sample": {"type": "string"}, "item": {"type": "object"}}}}}}}
+GRADER_VALIDATE_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["grader"], "properties": {"grader": {"type": "object"}}}}}}}
+
+
+async def _json_object(request: Request) -> dict:
+    import json
+
+    try:
+        body = json.loads(await request.body() or b"null")
+    except ValueError:
+        raise APIError(400, "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
+                            "using your HTTP library correctly.)") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "Invalid body: expected a JSON object.")
+    return body
+
+
+def _required(body: dict, key: str, kind: type, expected: str):
+    if key not in body:
+        raise APIError(400, f"Missing required parameter: '{key}'.", key, "missing_required_parameter")
+    if not isinstance(body[key], kind):
+        raise APIError(400, f"Invalid type for '{key}': expected {expected}.", key, "invalid_type")
+    return body[key]
+
+
+def _grader_error(exc) -> APIError:
+    return APIError(400, exc.message, exc.param, "invalid_value")
+
+
+@router.post("/fine_tuning/alpha/graders/run", response_model=GraderRunResponse, openapi_extra=GRADER_RUN_BODY)
+async def run_grader(request: Request):
+    """Grade ``model_sample`` (its text; ``sample.output_json`` when it is JSON) for ``item`` with ``grader``."""
+    from fastapi.concurrency import run_in_threadpool
+
+    from serve import graders
+
+    body = await _json_object(request)
+    grader = _required(body, "grader", dict, "an object")
+    sample = _required(body, "model_sample", str, "a string")
+    item = body.get("item") or {}
+    if not isinstance(item, dict):
+        raise APIError(400, "Invalid type for 'item': expected an object.", "item", "invalid_type")
+    try:
+        graders.validate(grader)
+    except graders.GraderInvalid as exc:
+        raise _grader_error(exc) from None
+    client = getattr(request.app.state, "grader_client", None)  # None: serve.client's backend, on first use
+    result = await run_in_threadpool(graders.grade, grader, sample, item, client=client)
+    return result.to_response()
+
+
+@router.post("/fine_tuning/alpha/graders/validate", response_model=GraderValidateResponse,
+             openapi_extra=GRADER_VALIDATE_BODY)
+async def validate_grader(request: Request):
+    from serve import graders
+
+    grader = _required(await _json_object(request), "grader", dict, "an object")
+    try:
+        graders.validate(grader)
+    except graders.GraderInvalid as exc:
+        raise _grader_error(exc) from None
+    return {"grader": grader}
+
+
 # ----------------------------------------------------------------------------- models and chat (proxy.py)
 
 
@@ -193,6 +264,7 @@ def create_app(cfg: FinetuneAPIConfig, api_key: str | None = None, *, run_worker
 
     app = FastAPI(title="tunekit fine-tuning API", lifespan=lifespan)
     app.state.store, app.state.worker, app.state.service, app.state.proxy = store, worker, svc, px
+    app.state.grader_client = None  # score_model / label_model graders' client; None: serve.client's backend
     add_error_handlers(app)
     add_middleware(app, api_key)
     app.include_router(router)
