@@ -193,3 +193,36 @@ def validate_file(path: str | Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer
         problems.append(Problem(name, 0, "too_few_examples",
                                 f"{n} examples; OpenAI needs at least {MIN_EXAMPLES}"))
     return n, problems
+
+
+SHOWN = 5  # problems named in a checked_examples error
+
+
+def checked_examples(path: str | Path | None, key: str, method: str = "supervised",
+                     limit: int | None = None) -> list[dict]:
+    """The examples of a chat (``supervised``) or DPO JSONL file that a training script or the comparison reads
+    (the first ``limit`` of them), each checked with OpenAI's rules; a missing file, or problems (the first
+    five named with their lines), are one UserError naming the config ``key``."""
+    from .preference import check_preference_example
+
+    check, what = (check_preference_example, "DPO") if method == "dpo" else (check_example, "chat")
+    flag = " --method dpo" if method == "dpo" else ""
+    if not path:
+        raise UserError(f"{key}: required (the {what} JSONL from `tunekit build`)")
+    if not Path(path).is_file():
+        raise UserError(f"{key}: {path} not found; build it with `tunekit build --config ...`")
+    examples, problems = [], []
+    for lineno, ex, error in jsonl_lines(Path(path)):
+        found = [("invalid_json", error)] if error else check(ex)
+        problems += [f"{path}:{lineno}: {code}: {msg}" for code, msg in found]
+        if not found:
+            examples.append(ex)
+            if limit and len(examples) >= limit:
+                break
+    if problems:
+        more = f" (and {len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
+        raise UserError(f"{key}: {path} is not valid {what} JSONL: {'; '.join(problems[:SHOWN])}{more}; "
+                        f"run `tunekit validate{flag} {path}`")
+    if not examples:
+        raise UserError(f"{key}: {path} holds no examples")
+    return examples

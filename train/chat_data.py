@@ -17,27 +17,10 @@ GEN_MARKERS = re.compile(r"\{%-?\s*(generation|endgeneration)\s*-?%\}")
 
 def load_chat_jsonl(path: str, key: str) -> list[dict]:
     """Read and check a chat JSONL file; every problem becomes one error naming the config key."""
-    from data_prep.sources import jsonl_lines
-    from data_prep.validate import check_example
+    from data_prep.validate import checked_examples
 
-    p = Path(path)
-    if not path:
-        raise UserError(f"{key}: required (the chat JSONL from `tunekit build`)")
-    if not p.is_file():
-        raise UserError(f"{key}: {path} not found; build it with `tunekit build --config ...`")
-    rows, problems = [], []
-    for lineno, ex, error in jsonl_lines(p):
-        found = [("invalid_json", error)] if error else check_example(ex)
-        problems += [f"{path}:{lineno}: {code}: {msg}" for code, msg in found]
-        if not found:
-            rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in ex["messages"]]})
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise UserError(f"{key}: {path} is not valid chat JSONL: {'; '.join(problems[:5])}{more}; "
-                        f"run `tunekit validate {path}`")
-    if not rows:
-        raise UserError(f"{key}: {path} holds no examples")
-    return rows
+    return [{"messages": [{"role": m["role"], "content": m["content"]} for m in ex["messages"]]}
+            for ex in checked_examples(path, key)]
 
 
 def resolve_chat_template(tokenizer, chat_template_path: str | None) -> str:

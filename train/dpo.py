@@ -82,29 +82,15 @@ def message(m: dict) -> dict:
 
 def load_preference_jsonl(path: str | None, key: str) -> list[dict]:
     """OpenAI's DPO JSONL as TRL's conversational preference rows; every problem is one error naming the key."""
-    from data_prep.preference import check_preference_example
-    from data_prep.sources import jsonl_lines
+    from data_prep.validate import checked_examples
 
-    if not path:
-        raise UserError(f"{key}: required (OpenAI's DPO JSONL, e.g. from `tunekit build` with format: dpo)")
-    if not Path(path).is_file():
-        raise UserError(f"{key}: {path} not found; build it with `tunekit build --config ...` (format: dpo)")
-    rows, problems = [], []
-    for lineno, ex, error in jsonl_lines(Path(path)):
-        found = [("invalid_json", error)] if error else check_preference_example(ex)
-        problems += [f"{path}:{lineno}: {code}: {msg}" for code, msg in found]
-        if not found:
-            tools = ex["input"].get("tools")
-            rows.append({"prompt": [message(m) for m in ex["input"]["messages"]],
-                         "chosen": [message(ex["preferred_output"][0])],
-                         "rejected": [message(ex["non_preferred_output"][0])],
-                         **({"tools": tools} if tools else {})})
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise UserError(f"{key}: {path} is not valid DPO JSONL: {'; '.join(problems[:5])}{more}; "
-                        f"run `tunekit validate --method dpo {path}`")
-    if not rows:
-        raise UserError(f"{key}: {path} holds no examples")
+    rows = []
+    for ex in checked_examples(path, key, "dpo"):
+        tools = ex["input"].get("tools")
+        rows.append({"prompt": [message(m) for m in ex["input"]["messages"]],
+                     "chosen": [message(ex["preferred_output"][0])],
+                     "rejected": [message(ex["non_preferred_output"][0])],
+                     **({"tools": tools} if tools else {})})
     if any("tools" in r for r in rows):
         import json
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunekit.errors import UserError
 
 from .findings import delta_line, paired_bootstrap, signed
 from .runner import RawStore
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 @dataclass
 class Pair:
     idx: int
-    line: int
     messages: list[dict]  # input.messages: the prompt
     preferred: str
     non_preferred: str
@@ -53,26 +51,11 @@ class Pair:
 
 def load_pairs(path: str | Path, limit: int | None = None) -> list[Pair]:
     """The first ``limit`` pairs of an OpenAI DPO JSONL; every problem is one error naming ``preference_data``."""
-    from data_prep.preference import check_preference_example
-    from data_prep.sources import jsonl_lines
+    from data_prep.validate import checked_examples
 
-    pairs, problems = [], []
-    for line, ex, error in jsonl_lines(Path(path)):
-        found = [("invalid_json", error)] if error else check_preference_example(ex)
-        if found:
-            problems += [f"{path}:{line}: {code}: {msg}" for code, msg in found]
-            continue
-        pairs.append(Pair(len(pairs), line, ex["input"]["messages"], ex["preferred_output"][0].get("content") or "",
-                          ex["non_preferred_output"][0].get("content") or "", ex["input"].get("tools")))
-        if limit and len(pairs) >= limit:
-            break
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UserError(f"preference_data: {path} is not valid DPO JSONL: {'; '.join(problems[:3])}{more}; "
-                        f"check it with `tunekit validate --method dpo {path}`")
-    if not pairs:
-        raise UserError(f"preference_data: {path} holds no pairs")
-    return pairs
+    return [Pair(i, ex["input"]["messages"], ex["preferred_output"][0].get("content") or "",
+                 ex["non_preferred_output"][0].get("content") or "", ex["input"].get("tools"))
+            for i, ex in enumerate(checked_examples(path, "preference_data", "dpo", limit))]
 
 
 def answer_logprob(token_logprobs: list[float | None], start: int) -> float:
