@@ -65,7 +65,7 @@ model: $(MODEL)/config.json
 $(MODEL)/config.json: $(STAMP)
 	$(BIN)/python -m train.prepare_model --out $(MODEL)
 
-# The whole workflow on banking77's card intents (why a slice: README), on the CPU, offline:
+# The whole workflow on banking77's card intents (why a slice: docs/demo.md), on the CPU, offline:
 # data -> LoRA training -> vLLM server with the adapter -> comparison of base, fine-tuned and a
 # TF-IDF baseline on the held-out test queries -> runs/demo/compare/report.md (tunekit/demo.py;
 # `tunekit demo --dry-run` prints its commands). `make demo USE_CASE=sensors` runs another use case
@@ -78,7 +78,7 @@ demo: $(STAMP) $(VSTAMP) $(MODEL)/config.json
 
 # The full 77-way banking77 task with the demo's CPU profile (batch 8, learning rate 2e-3): FULL_STEPS
 # steps (1,600 = 1.6 epochs of the 8,001 training examples), the checkpoint half-way scored beside the
-# final adapter -> runs/banking77/compare/report.md (README: figures and wall time).
+# final adapter -> runs/banking77/compare/report.md (docs/demo.md: figures and wall time).
 FULL       := runs/banking77
 FULL_STEPS ?= 1600
 FULL_HALF  := $(shell expr $(FULL_STEPS) / 2)

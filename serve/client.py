@@ -176,7 +176,7 @@ class Backend:
                 raise UserError("no fine-tuned OpenAI model yet: run `tunekit jobs create --config ...` "
                                 "and `follow JOB_ID` until it succeeds, or set openai.models.finetuned in the config")
             raise UserError("no local adapter named 'finetuned': add `finetuned: RUN_DIR` under server.adapters in "
-                            "the config, or `python -m serve.adapters add finetuned RUN_DIR`")
+                            "the config, or `tunekit adapters add finetuned RUN_DIR`")
         return model
 
     def sampling_kwargs(self, **overrides) -> dict:
@@ -208,7 +208,7 @@ def explain(exc: Exception, backend: Backend, model: str | None = None) -> UserE
     if isinstance(exc, openai.APIConnectionError):
         if backend.name == "local":
             return UserError(f"no server answers at {where}; start it with "
-                             "`python -m serve.vllm_server --config configs/<use_case>/serve.yaml`")
+                             "`tunekit serve --config configs/<use_case>/serve.yaml`")
         return UserError(f"cannot reach {where}: check the network or openai.base_url")
     if isinstance(exc, openai.AuthenticationError):
         var = backend.settings.openai.api_key_env if backend.name == "openai" else backend.settings.server.api_key_env

@@ -178,7 +178,7 @@ class VLLMServer:
         if s.quantization == "bitsandbytes":
             raise UserError("server.quantization: vLLM 0.32 has no bitsandbytes quantization; remove the key to "
                             "serve the 16-bit base the adapter was trained on (Qwen2.5-1.5B in fp16 fits a T4), "
-                            "or merge the adapter (python -m train.merge) and serve a pre-quantized checkpoint")
+                            "or merge the adapter (tunekit merge) and serve a pre-quantized checkpoint")
         if device == "cuda":
             args += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
             if s.quantization:
