@@ -4,6 +4,15 @@
                                                          # with AVX512-BF16, scoring included)
     python bench/recipe.py --only start lr2e-3           # some of them
     python bench/recipe.py --lever 'mine=--learning_rate 3e-3 --lora_r 32'   # one more row (only it runs)
+    python bench/recipe.py --use-case sensors            # a label use case's levers: length and balancing
+    python bench/recipe.py --use-case sensors --only auto-balanced
+
+**A label use case** (``--use-case NAME``: ``USE_CASE_LEVERS``): each lever is that use case's CPU profile
+(``configs/NAME/sft_cpu.yaml``) with the lever's flags, trained on the demo's build (``runs/NAME/data``) and
+scored on its held-out set (the valid split) by greedy decoding (Hugging Face ``generate``, the run's own chat
+template, temperature 0, the compare config's answer length): accuracy and macro-F1 as ``tunekit compare``
+computes them (serve/compare/scoring.py), beside the TF-IDF + logistic-regression baseline's, with the
+training wall time. Written to ``bench/results/recipe_NAME.json``.
 
 Each lever is ``configs/banking77/sft_cpu.yaml`` (the CPU profile ``make demo`` trains) with START's
 flags on top (the profile as it was before this benchmark tuned it: batch 16, learning rate 1e-3,
@@ -71,6 +80,17 @@ LEVERS = {
 }
 
 
+# use case -> lever -> train/sft.py flags on its CPU profile (the profile as it is: "")
+USE_CASE_LEVERS = {
+    "sensors": {
+        "fixed60": "--max_steps 60 --balance_labels off",  # the profile before train/recipe.py
+        "auto": "--max_steps auto --balance_labels off",
+        "fixed60-balanced": "--max_steps 60 --balance_labels on",
+        "auto-balanced": "--max_steps auto --balance_labels on",  # the profile now (balance_labels auto turns on)
+    },
+}
+
+
 def demo_steps() -> int:
     from tunekit import demo
 
@@ -88,10 +108,12 @@ def ensure_data() -> None:
             subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def train(name: str, flags: list[str], steps: int) -> dict:
-    out = ROOT / OUT / name
-    cmd = [sys.executable, "train/sft.py", "--config", PROFILE, "--train_file", f"{DATA}/train.jsonl",
-           "--valid_file", f"{DATA}/valid.jsonl", "--output_dir", str(out), "--max_steps", str(steps),
+def train(name: str, flags: list[str], steps: int | None, profile: str = PROFILE, data: str = DATA,
+          out_root: str = OUT) -> dict:
+    out = ROOT / out_root / name
+    cmd = [sys.executable, "train/sft.py", "--config", profile, "--train_file", f"{data}/train.jsonl",
+           "--valid_file", f"{data}/valid.jsonl", "--output_dir", str(out),
+           *(["--max_steps", str(steps)] if steps else []),
            "--eval_strategy", "no", "--save_strategy", "no", "--plots", "false", *flags]
     shutil.rmtree(out, ignore_errors=True)  # sft.py resumes or refuses an existing run
     t0 = time.perf_counter()
@@ -102,7 +124,7 @@ def train(name: str, flags: list[str], steps: int) -> dict:
         raise SystemExit(f"{name}: train/sft.py failed ({proc.returncode}): {' | '.join(tail)}")
     summary = json.loads((out / "summary.json").read_text())
     return {"run_dir": str(out), "wall_s": round(wall, 1), "tokens_per_s": summary.get("tokens_per_s"),
-            "final_loss": summary.get("train_loss_last")}
+            "final_loss": summary.get("train_loss_last"), "trained_steps": summary.get("steps")}
 
 
 def exact_match(run_dir: str, batch: int = 32) -> float:
@@ -158,16 +180,100 @@ def baseline_accuracy() -> float:
     return sum(scores) / len(scores)
 
 
+def greedy_answers(run_dir: str, heldout: str, max_new_tokens: int, batch: int = 32) -> list[str]:
+    """The adapter's greedy answers to the held-out prompts (left-padded batches, the run's chat template)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serve.compare.data import load_examples
+
+    tok = AutoTokenizer.from_pretrained(run_dir, padding_side="left")
+    tok.chat_template = Path(run_dir, "chat_template.jinja").read_text()
+    base = json.loads(Path(run_dir, "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), run_dir).eval()
+    prompts = [tok.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
+               for ex in load_examples(heldout)]
+    answers = []
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch):
+            enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            answers += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def use_case_main(name: str, only: list[str] | None, extras: dict[str, str], out_path: str | None) -> int:
+    """The levers of a label use case (module doc)."""
+    from serve.compare.baseline import baseline_summary, train_baseline
+    from serve.compare.cli import CompareConfig
+    from serve.compare.data import load_examples
+    from serve.compare.tasks import label_summary
+    from tunekit import demo
+    from tunekit.config import load_config
+
+    if name not in USE_CASE_LEVERS:
+        raise SystemExit(f"--use-case {name}: levers are defined for {', '.join(USE_CASE_LEVERS)}")
+    case = demo.load_use_case(name)
+    data, heldout = f"runs/{name}/data", f"runs/{name}/data/valid.jsonl"
+    if not Path(data, "train.jsonl").is_file():
+        subprocess.run(dict(demo.steps(1, name))["build"], cwd=ROOT, check=True)
+    cfg = load_config(CompareConfig, case.compare, {"train_data": f"{data}/train.jsonl", "data": heldout})
+    examples = load_examples(heldout)
+    refs = [ex.reference for ex in examples]
+    base = baseline_summary(cfg, examples, train_baseline(cfg, examples))
+    tfidf = {"accuracy": base["accuracy"], "macro_f1": base["macro_f1"]}
+    print(f"TF-IDF + logistic regression on {heldout}: accuracy {tfidf['accuracy']:.3f}, macro-F1 "
+          f"{tfidf['macro_f1']:.3f}", flush=True)
+    chosen = only or ([] if extras else list(USE_CASE_LEVERS[name]))  # --lever alone: only those rows
+    levers = {k: USE_CASE_LEVERS[name][k] for k in chosen if k in USE_CASE_LEVERS[name]} | extras  # --only's order
+    out = Path(out_path or f"bench/results/recipe_{name}.json")
+    kept = json.loads(out.read_text())["results"] if out.is_file() else []
+    kept = [r for r in kept if r["lever"] not in levers]
+    results = []
+    max_new = demo.answer_length(case.compare) or 16
+    for lever, flags in levers.items():
+        print(f"[{len(results) + 1}/{len(levers)}] {lever}: {flags}", flush=True)
+        row = {"lever": lever, "flags": flags, **train(lever, shlex.split(flags), None, case.sft, data,
+                                                       f"{OUT}/{name}")}
+        answers = greedy_answers(row["run_dir"], heldout, max_new)
+        scores = label_summary(cfg, refs, answers)
+        predicted = {}
+        for a in answers:
+            predicted[a.strip()] = predicted.get(a.strip(), 0) + 1
+        row.update(accuracy=scores["accuracy"], macro_f1=scores["macro_f1"],
+                   top_answer_share=round(max(predicted.values()) / len(answers), 3))
+        results.append(row)
+        out.write_text(json.dumps({"use_case": name, "tfidf": tfidf, "heldout": heldout, "profile": case.sft,
+                                   "results": kept + results}, indent=2))
+        print(f"    {row['trained_steps']} steps in {row['wall_s']:.0f} s, accuracy {row['accuracy']:.3f}, macro-F1 "
+              f"{row['macro_f1']:.3f}, most common answer {row['top_answer_share']:.0%} (TF-IDF "
+              f"{tfidf['accuracy']:.3f} / {tfidf['macro_f1']:.3f})", flush=True)
+    print(f"\n| lever | flags on {case.sft} | steps | training | accuracy | macro-F1 | most common answer |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in kept + results:
+        print(f"| {r['lever']} | `{r['flags']}` | {r['trained_steps']} | {r['wall_s'] / 60:.1f} min | "
+              f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['top_answer_share']:.0%} |")
+    print(f"| TF-IDF + logistic regression | | | | {tfidf['accuracy']:.3f} | {tfidf['macro_f1']:.3f} | |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--use-case", help="a label use case's levers (USE_CASE_LEVERS) instead of the card demo's")
     ap.add_argument("--only", nargs="+", metavar="LEVER", help=f"run these levers only: {', '.join(LEVERS)}")
     ap.add_argument("--lever", action="append", default=[], metavar="NAME=FLAGS",
                     help="one more lever (alone: only the --lever rows run)")
-    ap.add_argument("--out", default="bench/results/recipe.json",
+    ap.add_argument("--out", default=None,
                     help="results; rows of levers not run this time are kept, a lever run again is replaced")
     args = ap.parse_args(argv)
     extras = dict(extra.partition("=")[::2] for extra in args.lever)
+    if args.use_case and args.use_case != "banking77":
+        os.chdir(ROOT)
+        return use_case_main(args.use_case, args.only, extras, args.out)
+    args.out = args.out or "bench/results/recipe.json"
     unknown = sorted(set(args.only or ()) - set(LEVERS) - set(extras))
     if unknown:
         ap.error(f"--only {' '.join(unknown)}: no such lever; use {', '.join(LEVERS)} or define it with --lever")

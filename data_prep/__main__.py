@@ -66,7 +66,8 @@ def cmd_validate(args) -> int:
         for p in problems:
             print(p)
         bad += bool(problems)
-        checked = {"supervised": " (supervised format)", "dpo": " (DPO format)"}.get(method, "")
+        checked = {"supervised": " (supervised format)", "dpo": " (DPO format)",
+                   "reinforcement": " (reinforcement format)"}.get(method, "")
         print(f"{f}: {n} examples{checked}, {len(problems)} problem(s)" + ("" if problems else ": valid"),
               file=sys.stderr)
     return 1 if bad else 0
@@ -119,9 +120,10 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=DEFAULT_OPENAI_MODEL, help="OpenAI model (token limit, tokenizer)")
     v.add_argument("--tokenizer", help="local model/tokenizer folder: also check its chat template renders")
     v.add_argument("--max-length", dest="max_length", type=int, help="with --tokenizer: longest allowed example")
-    v.add_argument("--method", choices=("auto", "supervised", "dpo"), default="auto",
+    v.add_argument("--method", choices=("auto", "supervised", "dpo", "reinforcement"), default="auto",
                    help="file format: supervised ({messages}), dpo ({input, preferred_output, "
-                        "non_preferred_output}), or auto: from the first JSON object (default)")
+                        "non_preferred_output}), reinforcement ({messages ending with the user's turn, <item "
+                        "fields>}), or auto: from the first JSON object (default)")
     v.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("stats", help="token counts, epochs and the OpenAI training-cost estimate",

@@ -3,10 +3,12 @@
     python -m data_prep validate runs/demo/data/train.jsonl runs/demo/data/valid.jsonl
     python -m data_prep validate train.jsonl --tokenizer .cache/models/smollm2-135m --max-length 512
     python -m data_prep validate prefs.jsonl --method dpo
+    python -m data_prep validate rft.jsonl --method reinforcement
 
-Two formats: supervised (``{"messages": [...]}`` per line) and DPO (``{"input": {"messages": [...]},
-"preferred_output": [...], "non_preferred_output": [...]}``, see ``preference.py``); ``--method auto``
-(the default) tells them apart by the file's first JSON object (:func:`detect_method`).
+Three formats: supervised (``{"messages": [...]}`` per line), DPO (``{"input": {"messages": [...]},
+"preferred_output": [...], "non_preferred_output": [...]}``, see ``preference.py``) and reinforcement
+(``{"messages": [... ending with the user's turn], <the grader's item fields>}``, see ``reinforcement.py``);
+``--method auto`` (the default) tells them apart by the file's first JSON object (:func:`detect_method`).
 
 The supervised rules are those of OpenAI's chat fine-tuning data-prep cookbook, plus ``weight``
 (0 or 1, assistant messages only), at least 10 examples, and at most 65,536 tokens per example
@@ -26,7 +28,7 @@ ALLOWED_KEYS = {"role", "content", "name", "function_call", "tool_calls", "tool_
 ALLOWED_ROLES = {"system", "user", "assistant", "function", "tool"}
 MIN_EXAMPLES = 10
 MAX_TOKENS_PER_EXAMPLE = 65_536
-METHODS = ("supervised", "dpo")
+METHODS = ("supervised", "dpo", "reinforcement")
 DPO_KEYS = ("input", "preferred_output", "non_preferred_output")
 MISMATCH = {
     ("supervised", "dpo"): 'this line is in the supervised format ({"messages": [...]}), not DPO '
@@ -35,6 +37,12 @@ MISMATCH = {
     ("dpo", "supervised"): "this line is in the DPO (preference) format (input, preferred_output, "
                            'non_preferred_output), not supervised ({"messages": [...]}); '
                            "check the file with --method dpo, or convert it",
+    ("dpo", "reinforcement"): "this line is in the DPO (preference) format (input, preferred_output, "
+                              "non_preferred_output), not reinforcement ({\"messages\": [... ending with the user's "
+                              "turn], <fields the grader reads>}); check the file with --method dpo, or convert it",
+    ("reinforcement", "dpo"): "this line is in the reinforcement format (messages ending with the user's turn, plus "
+                              "fields a grader reads), not DPO; check the file with --method reinforcement, or "
+                              "convert it",
 }
 
 
@@ -100,13 +108,30 @@ def line_method(ex) -> str | None:
 
 def detect_method(path: str | Path) -> str:
     """"dpo" when the file's first JSON object has an ``input`` / ``preferred_output`` /
-    ``non_preferred_output`` key, else "supervised". Missing, empty or binary files are a UserError."""
+    ``non_preferred_output`` key, "reinforcement" when its ``messages`` end with the user's turn, else
+    "supervised". Missing, empty or binary files are a UserError."""
+    from .reinforcement import ends_with_user
+
     path = Path(path)
     check_readable(path, "jsonl")
     for _, ex, error in jsonl_lines(path):
         if not error and isinstance(ex, dict):
-            return "dpo" if line_method(ex) == "dpo" else "supervised"
+            method = line_method(ex)
+            return "dpo" if method == "dpo" else "reinforcement" if ends_with_user(ex) else "supervised"
     return "supervised"
+
+
+def _mismatch(ex, method: str) -> str | None:
+    """Why a line is in another method's format than ``method`` (one ``format_mismatch``), or None. A chat line
+    checked as supervised is never one: a missing answer is that line's own problem."""
+    from .reinforcement import ends_with_user
+
+    other = line_method(ex)
+    if other in (None, method) or (other == "supervised" and method == "reinforcement"):
+        return None  # the reinforcement rules name an assistant ending themselves
+    if other == "supervised" and ends_with_user(ex):
+        other = "reinforcement"
+    return MISMATCH.get((other, method))
 
 
 def too_many_tokens(tokens: int, model: str, what: str = "") -> list[tuple[str, str]]:
@@ -135,6 +160,13 @@ def local_model_problems(tokenizer, conversations: list[list[dict]], max_length:
 
 
 def _length_problems(ex: dict, method: str, counter, model: str, tokenizer, max_length) -> list[tuple[str, str]]:
+    if method == "reinforcement":
+        from .reinforcement import reinforcement_token_problems
+
+        found = reinforcement_token_problems(ex, counter, model)
+        if tokenizer is not None:
+            found += local_model_problems(tokenizer, [ex["messages"]], max_length, " (prompt)")
+        return found
     if method == "dpo":
         from .preference import conversations, preference_token_problems
 
@@ -152,7 +184,7 @@ def _resolve_method(method: str | None, path: Path) -> str:
     if method in (None, "auto"):
         return detect_method(path)
     if method not in METHODS:
-        raise UserError(f"--method {method}: use auto, supervised or dpo")
+        raise UserError(f"--method {method}: use auto, supervised, dpo or reinforcement")
     return method
 
 
@@ -160,10 +192,9 @@ def validate_file(path: str | Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer
                   max_length: int | None = None, method: str | None = None) -> tuple[int, list[Problem]]:
     """Returns (number of examples, problems). ``tokenizer`` is a loaded HF tokenizer or None.
 
-    ``method``: "supervised", "dpo", or None / "auto" for :func:`detect_method`'s choice. A line in
-    the other format is one ``format_mismatch`` problem, not a cascade of missing keys.
+    ``method``: "supervised", "dpo", "reinforcement", or None / "auto" for :func:`detect_method`'s choice. A
+    line in another method's format is one ``format_mismatch`` problem, not a cascade of missing keys.
     """
-    from .preference import check_preference_example
     from .tokens import MessageCounter
 
     path = Path(path)
@@ -175,7 +206,7 @@ def validate_file(path: str | Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer
         code = "empty_file" if "empty" in str(e) else "not_found" if "not found" in str(e) else "unreadable"
         return 0, [Problem(name, 0, code, str(e).split(": ", 1)[-1])]
     method = _resolve_method(method, path)
-    check = check_preference_example if method == "dpo" else check_example
+    check = CHECKS[method]()
     counter = MessageCounter(model)
     n = 0
     for lineno, ex, error in jsonl_lines(path):
@@ -184,8 +215,8 @@ def validate_file(path: str | Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer
             problems.append(Problem(name, lineno, code, error))
             continue
         n += 1
-        other = line_method(ex)
-        found = [("format_mismatch", MISMATCH[other, method])] if other not in (None, method) else check(ex)
+        mismatch = _mismatch(ex, method)
+        found = [("format_mismatch", mismatch)] if mismatch else check(ex)
         if not found:
             found = _length_problems(ex, method, counter, model, tokenizer, max_length)
         problems += [Problem(name, lineno, c, m) for c, m in found]
@@ -195,22 +226,37 @@ def validate_file(path: str | Path, model: str = DEFAULT_OPENAI_MODEL, tokenizer
     return n, problems
 
 
+def _reinforcement_check():
+    from .reinforcement import check_reinforcement_example
+
+    return check_reinforcement_example
+
+
+def _preference_check():
+    from .preference import check_preference_example
+
+    return check_preference_example
+
+
+# method -> its per-line check (imported when used: preference.py and reinforcement.py import this module)
+CHECKS = {"supervised": lambda: check_example, "dpo": _preference_check, "reinforcement": _reinforcement_check}
+WHAT = {"supervised": "chat", "dpo": "DPO", "reinforcement": "reinforcement (RFT)"}
 SHOWN = 5  # problems named in a checked_examples error
 
 
 def checked_examples(path: str | Path | None, key: str, method: str = "supervised",
                      limit: int | None = None) -> list[dict]:
-    """The examples of a chat (``supervised``) or DPO JSONL file that a training script or the comparison reads
-    (the first ``limit`` of them), each checked with OpenAI's rules; a missing file, or problems (the first
-    five named with their lines), are one UserError naming the config ``key``."""
-    from .preference import check_preference_example
-
-    check, what = (check_preference_example, "DPO") if method == "dpo" else (check_example, "chat")
-    flag = " --method dpo" if method == "dpo" else ""
+    """The examples of a chat (``supervised``), DPO or reinforcement JSONL file that a training script or the
+    comparison reads (the first ``limit`` of them), each checked with OpenAI's rules; a missing file, or problems
+    (the first five named with their lines), are one UserError naming the config ``key``."""
+    check, what = CHECKS[method](), WHAT[method]
+    flag = f" --method {method}" if method != "supervised" else ""
+    made_by = "`python -m data_prep.reinforcement CHAT.jsonl --out DIR`" if method == "reinforcement" else \
+        "`tunekit build --config ...`"
     if not path:
-        raise UserError(f"{key}: required (the {what} JSONL from `tunekit build`)")
+        raise UserError(f"{key}: required (the {what} JSONL from {made_by})")
     if not Path(path).is_file():
-        raise UserError(f"{key}: {path} not found; build it with `tunekit build --config ...`")
+        raise UserError(f"{key}: {path} not found; make it with {made_by}")
     examples, problems = [], []
     for lineno, ex, error in jsonl_lines(Path(path)):
         found = [("invalid_json", error)] if error else check(ex)

@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -99,7 +99,7 @@ class DistilConfig:
 class Prompt(Example):
     """A compare Example (``messages`` are sent as they are) plus the messages OUT keeps before the answer."""
 
-    keep: list[dict]
+    keep: list[dict] = field(default_factory=list)
 
 
 def load_prompts(path: str | Path, system: str | None = None, default_system: str | None = None,
@@ -133,7 +133,7 @@ def load_prompts(path: str | Path, system: str | None = None, default_system: st
                             "detail": "; ".join(f"{c}: {m}" for c, m in problems)})
             continue
         sent = [{k: v for k, v in m.items() if k != "weight"} for m in cut]
-        prompts.append(Prompt(idx, line, sent, reference, keep))
+        prompts.append(Prompt(idx, line, sent, reference, keep=keep))
     if not prompts and not skipped:
         raise UserError(f"{path}: no prompts")
     return prompts, skipped

@@ -32,7 +32,7 @@ SLOW_MODULES = {"test_vllm_cpu_lora", "test_notebook", "test_compare", "test_ser
 # one worker, so its module-scoped fixtures (a training run, an API server) are built once. (xdist's
 # own --dist loadgroup cannot do this with pytest 9: the group it writes into a test's id is lost.)
 VLLM_SERVER_MODULES = {"test_compare", "test_compare_logprobs", "test_distil", "test_finetune_api_chat", "test_serve",
-                       "test_ui", "test_use_cases"}
+                       "test_ui", "test_use_cases", "test_finetune_api_multi_vllm"}
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -98,8 +98,8 @@ DPO_ERRORS = [  # (body changes, param, code, part of the message): the rules of
     ({**dpo({"beta": 0.2}), "hyperparameters": {"n_epochs": 2}}, "hyperparameters", "invalid_value",
      "the top-level hyperparameters are for supervised jobs only (and deprecated); give a DPO job's as "
      "'method.dpo.hyperparameters'"),
-    ({"method": {"type": "reinforcement"}}, "method.type", "unsupported_value",
-     "'supervised' and 'dpo' fine-tuning are available here"),
+    ({"method": {"type": "reinforcement"}}, "method.reinforcement.grader", "missing_required_parameter",
+     "Missing required parameter: 'method.reinforcement.grader'."),
 ]
 
 

@@ -7,6 +7,7 @@ sandbox runs real child processes with short timeouts.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -181,19 +182,137 @@ def test_python_grader_exception_gives_the_last_traceback_line():
     assert res.errors["python_grader_runtime_error_details"] == "KeyError: 'missing'"
 
 
-def test_python_grader_memory_limit_and_bad_returns():
-    res = grade(py("def grade(sample, item):\n    x = bytearray(8 * 1024 ** 3)\n    return 1.0\n"), "x", {})
-    assert res.errors["python_grader_runtime_error_details"] == "MemoryError"
+def test_python_grader_bad_returns():
     res = grade(py("def grade(sample, item):\n    return 'high'\n"), "x", {})
     assert "TypeError" in res.errors["python_grader_runtime_error_details"]
+    res = grade(py("def grade(sample, item):\n    return float('nan')\n"), "x", {})
+    assert res.errors["python_grader_runtime_error_details"] == "ValueError: grade() returned nan"
 
 
-def test_python_grader_network(tmp_path):
-    src = ("import socket\ndef grade(sample, item):\n"
-           "    socket.create_connection(('1.1.1.1', 53), timeout=2)\n    return 1.0\n")
-    out = graders.run_python_grader(src, {"output_text": "x"}, {}, timeout_s=10)
-    if out.network_isolated:  # a user + network namespace was allowed here: no route anywhere
-        assert not out.ok and "OSError" in out.error
+def test_python_grader_may_use_its_folder_threads_and_numpy():
+    src = ("import numpy, threading\ndef grade(sample, item):\n    open('notes.txt', 'w').write(sample['output_text'])\n"
+           "    t = threading.Thread(target=print, args=('hi',)); t.start(); t.join()\n"
+           "    return float(numpy.mean([len(open('notes.txt').read()), 0]))\n")
+    assert grade(py(src), "abcd", {}).reward == 2.0
+
+
+# ----------------------------------------------------------------------------- hostile python graders
+
+SECRET = "sk-hostile-test-9d2f51c7"
+HOSTILE = {  # what a grader tries -> the one-line reason it ends with (a python_grader_runtime_error)
+    "socket to the internet": ("import socket\ndef grade(s, i):\n    socket.create_connection(('1.1.1.1', 53), "
+                               "timeout=3)\n    return 1.0\n", "PermissionError: [Errno 13] Permission denied"),
+    "socket to the server's own port": ("import socket\ndef grade(s, i):\n    socket.create_connection(('127.0.0.1', "
+                                        "i['port']), timeout=3)\n    return 1.0\n",
+                                        "PermissionError: [Errno 13] Permission denied"),
+    "udp datagram out": ("import socket\ndef grade(s, i):\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                         ".sendto(b'x', ('1.1.1.1', 53))\n    return 1.0\n", "OSError: [Errno 101] Network is unreachable"),
+    "API key from the environment": ("import os\ndef grade(s, i):\n    return float(len(os.environ['TUNEKIT_API_KEY']))\n",
+                                     "KeyError: 'TUNEKIT_API_KEY'"),
+    "any secret in the environment": ("import os\ndef grade(s, i):\n    leaked = [v for v in os.environ.values() if "
+                                      "v.startswith('sk-')]\n    raise RuntimeError(f'found {len(leaked)}')\n",
+                                      "RuntimeError: found 0"),
+    ".env in the server's cwd": ("def grade(s, i):\n    raise RuntimeError(open(i['cwd'] + '/.env').read())\n",
+                                 "PermissionError: [Errno 13] Permission denied: '{cwd}/.env'"),
+    "the server's environment in /proc": ("def grade(s, i):\n    raise RuntimeError(open(f\"/proc/{i['pid']}/environ\")"
+                                          ".read())\n", "PermissionError: [Errno 13] Permission denied: '/proc/{pid}/environ'"),
+    "/etc/passwd": ("def grade(s, i):\n    raise RuntimeError(open('/etc/passwd').read())\n",
+                    "PermissionError: [Errno 13] Permission denied: '/etc/passwd'"),
+    "the project's files": ("import os\ndef grade(s, i):\n    raise RuntimeError(os.listdir(i['root']))\n",
+                            "PermissionError: [Errno 13] Permission denied: '{root}'"),
+    "writing outside its folder": ("def grade(s, i):\n    open('/tmp/tunekit-grader-was-here', 'w').write('x')\n",
+                                   "PermissionError: [Errno 13] Permission denied: '/tmp/tunekit-grader-was-here'"),
+    "killing the server": ("import os, signal\ndef grade(s, i):\n    os.kill(i['pid'], signal.SIGKILL)\n",
+                           "ProcessLookupError: [Errno 3] No such process"),
+    "a fork bomb": ("import os\ndef grade(s, i):\n    while True:\n        os.fork()\n",
+                    "BlockingIOError: [Errno 11] Resource temporarily unavailable"),
+    "a subprocess": ("import subprocess\ndef grade(s, i):\n    subprocess.run(['cat', '/etc/passwd'])\n",
+                     "BlockingIOError: [Errno 11] Resource temporarily unavailable"),
+    "an endless loop": ("def grade(s, i):\n    while True:\n        pass\n",
+                        "TimeoutError: the grader ran longer than 2 s"),
+    "a 10 GB allocation": ("def grade(s, i):\n    x = bytearray(10 * 1024 ** 3)\n    return 1.0\n", "MemoryError"),
+    "flooding its output": ("def grade(s, i):\n    while True:\n        print('x' * 65536)\n",
+                            "OSError: [Errno 27] File too large"),
+}
+
+
+@pytest.fixture(scope="module")
+def sandboxed():
+    from serve.graders.sandbox import isolation
+
+    if not isolation().complete:  # what the refusal looks like there is test_incomplete_isolation_...
+        pytest.skip(f"this OS does not grant the sandbox's layers: {isolation().describe()}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One app for the hostile graders (each test's own would cost a second apiece)."""
+    from fastapi.testclient import TestClient
+
+    from serve.finetune_api import FinetuneAPIConfig, create_app
+
+    app = create_app(FinetuneAPIConfig(data_dir=str(tmp_path_factory.mktemp("hostile"))), KEY, run_worker=False)
+    yield TestClient(app, headers={"Authorization": f"Bearer {KEY}"}, raise_server_exceptions=False)
+    app.state.store.close()
+
+
+@pytest.mark.parametrize("attack", list(HOSTILE))
+def test_hostile_python_graders_end_as_grader_errors(sandboxed, attack, served, tmp_path, monkeypatch, caplog):
+    """Each through the graders API of a server whose cwd holds a .env and whose environment holds its key: a grader
+    error with its reason; nothing of the secrets in the response or the log; the server serves on."""
+    import logging
+    import os
+
+    from conftest import ROOT
+
+    (tmp_path / ".env").write_text(f"TUNEKIT_API_KEY={SECRET}\nOPENAI_API_KEY={SECRET}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TUNEKIT_API_KEY", SECRET)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    # the route grades with the default timeout: short for the endless loop, and long enough for the rest on a
+    # machine that is busy
+    monkeypatch.setattr(graders.sandbox, "DEFAULT_TIMEOUT_S", 2.0 if attack == "an endless loop" else 60.0)
+    source, reason = HOSTILE[attack]
+    item = {"cwd": str(tmp_path), "pid": os.getpid(), "root": str(ROOT), "port": 8100}
+    caplog.set_level(logging.DEBUG)
+    resp = served.post("/v1/fine_tuning/alpha/graders/run",
+                       json={"grader": py(source), "model_sample": "x", "item": item})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    errors = body["metadata"]["errors"]
+    assert body["reward"] == 0 and errors["python_grader_runtime_error"] and not errors["python_grader_server_error"]
+    assert errors["python_grader_runtime_error_details"] == reason.format(**item)
+    assert SECRET not in resp.text and SECRET not in caplog.text and "root:x:0:0" not in resp.text
+    assert not Path("/tmp/tunekit-grader-was-here").exists()
+    ok = served.post("/v1/fine_tuning/alpha/graders/run", json={"grader": EQ, "model_sample": "a", "item": {"label": "a"}})
+    assert ok.json()["reward"] == 1.0 and served.get("/health").json() == {"status": "ok"}
+
+
+def test_the_sandbox_leaves_no_process_behind(sandboxed):
+    import psutil
+
+    src = "import os, time\ndef grade(s, i):\n    os.setsid()\n    time.sleep(60)\n"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    res = grade(py(src), "x", {}, timeout_s=1.0)
+    assert "TimeoutError" in res.errors["python_grader_runtime_error_details"]
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+def test_incomplete_isolation_refuses_python_graders_unless_allowed(monkeypatch):
+    from serve.graders import sandbox
+
+    monkeypatch.setattr(sandbox, "_probe", sandbox.Isolation(user_ns=False, net_ns=False, pid_ns=False, landlock=7,
+                                                             no_fork=True))
+    monkeypatch.delenv(sandbox.ALLOW_ENV, raising=False)
+    src = "def grade(s, i):\n    return 0.5\n"
+    res = grade(py(src), "x", {})
+    assert res.reward == 0 and res.errors["python_grader_server_error"]
+    assert res.errors["python_grader_server_error_type"].startswith(
+        "python graders are refused on this machine: NOT fully isolated: this OS refuses unprivileged user namespaces, "
+        "network namespaces, PID namespaces; set TUNEKIT_PYTHON_GRADERS=on")
+    assert grade(py(src), "x", {}, allow_unisolated=True).reward == 0.5
+    monkeypatch.setenv(sandbox.ALLOW_ENV, "on")
+    assert grade(py(src), "x", {}).reward == 0.5
 
 
 def test_python_grader_source_limits():

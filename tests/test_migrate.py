@@ -285,10 +285,45 @@ def test_a_dpo_job_keeps_its_method_and_beta():
     assert request["model"] == "gpt-4o-mini-2024-07-18"
 
 
+RFT_HP = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0, "compute_multiplier": 1.5,
+          "eval_interval": 5, "eval_samples": 10, "reasoning_effort": "medium"}
+MULTI = {"type": "multi", "name": "security", "calculate_output": "0.5 * compliant + 0.5 * close", "graders": {
+    "compliant": {"type": "string_check", "name": "compliant", "input": "{{sample.output_json.compliant}}",
+                  "reference": "{{item.compliant}}", "operation": "eq"},
+    "close": {"type": "text_similarity", "name": "close", "input": "{{sample.output_json.explanation}}",
+              "reference": "{{item.explanation}}", "evaluation_metric": "fuzzy_match"}}}
+
+
+def test_a_reinforcement_job_keeps_its_grader_and_hyperparameters():
+    """OpenAI's RFT guide's job (a multi grader as a {name: grader} map, a response_format), as the SDK parses it
+    from the source: the local request has the same grader, response_format and resolved hyperparameters, and
+    the local API's own checks accept it."""
+    from openai._models import construct_type
+
+    from serve.finetune_api import checks
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "security_assistant", "strict": True, "schema": {
+        "type": "object", "properties": {"compliant": {"type": "string"}}}}}
+    data = source_job("ftjob-rft", model="o4-mini-2025-04-16").model_dump()
+    data["method"] = {"type": "reinforcement", "reinforcement": {"grader": MULTI, "response_format": fmt,
+                                                                 "hyperparameters": RFT_HP}}
+    job = construct_type(value=data, type_=FineTuningJob)  # as the SDK builds a response
+    request = job_request(job, {"training_file": "file-new", "validation_file": "file-valid"})
+    assert request["method"] == {"type": "reinforcement", "reinforcement": {
+        "grader": MULTI, "response_format": fmt, "hyperparameters": RFT_HP}}
+    assert (request["model"], request["validation_file"]) == ("o4-mini-2025-04-16", "file-valid")
+    assert checks.method(request)["reinforcement"] == request["method"]["reinforcement"]
+    simple = {"type": "python", "name": "p", "source": "def grade(sample, item):\n    return 1.0\n"}
+    data["method"]["reinforcement"] = {"grader": simple, "hyperparameters": {**RFT_HP, "eval_samples": None}}
+    request = job_request(construct_type(value=data, type_=FineTuningJob), {"training_file": "f"})
+    assert request["method"]["reinforcement"] == {"grader": simple, "hyperparameters": {
+        k: v for k, v in RFT_HP.items() if k != "eval_samples"}}  # a value the source left out stays out
+
+
 def test_a_job_on_an_ft_model_comes_after_its_parent_and_trains_on_the_migrated_model(tmp_path):
     """A DPO job on top of a supervised fine-tune: ordered after the job that made its base; created only once
-    that job has succeeded on the target, then on the model the target made; a reinforcement job is skipped
-    with a note, never silently."""
+    that job has succeeded on the target, then on the model the target made; a reinforcement job is migrated
+    too (test_a_reinforcement_job_keeps_its_grader_and_hyperparameters)."""
     sft = source_job("ftjob-sft", fine_tuned="ft:gpt-4o-mini-2024-07-18:org:a:111")
     dpo = source_job("ftjob-dpo", model="ft:gpt-4o-mini-2024-07-18:org:a:111:ckpt-step-40", method=DPO)
     rl = source_job("ftjob-rl", model="o4-mini-2025-04-16", method={"type": "reinforcement"})
@@ -302,9 +337,8 @@ def test_a_job_on_an_ft_model_comes_after_its_parent_and_trains_on_the_migrated_
     rows = [Row(j) for j in order([dpo, rl, sft])]
     plan(rows, {}, files)
     assert [(r.action, r.new_status) for r in rows] == [("create", "would create"), ("skip", "waits"),
-                                                        ("skip", "not migrated")]
+                                                        ("create", "would create")]
     assert "run migrate again when that job has succeeded here" in rows[1].note
-    assert "reinforcement fine-tuning is not available locally" in rows[2].note
 
     done = {"ftjob-sft": FineTuningJob.model_validate({**sft.model_dump(), "id": "ftjob-new",
                                                        "fine_tuned_model": "ft:gpt-4o-mini-2024-07-18:personal::new"})}

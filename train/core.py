@@ -36,7 +36,8 @@ from tunekit.errors import UserError
 from train.hardware import cpu_has_bf16
 from train.precision import FiniteLossGuard, keep_trainable_fp32, precision_problems
 
-METHODS = ("sft", "dpo")
+# a config's `method` -> the script in train/ that trains it (tunekit/cli.py's SCRIPTS)
+METHODS = {"sft": "sft.py", "dpo": "dpo.py", "reinforcement": "grpo.py"}
 PAUSE_FILE, PAUSED_FILE = "pause_requested", "paused.json"
 
 
@@ -45,8 +46,8 @@ class ScriptArguments:
     """Keys every method's script takes (train/sft.py and train/dpo.py add their own)."""
 
     method: str = field(default="sft", metadata={
-        "help": "the training method, which picks the script `tunekit train` runs: sft (train/sft.py) or dpo "
-                "(train/dpo.py)"})
+        "help": "the training method, which picks the script `tunekit train` runs: sft (train/sft.py), dpo "
+                "(train/dpo.py) or reinforcement (train/grpo.py)"})
     train_file: str = field(default="", metadata={"help": "training JSONL from `tunekit build`"})
     valid_file: str | None = field(default=None, metadata={"help": "JSONL for evaluation (optional)"})
     init_adapter: str | None = field(default=None, metadata={
@@ -92,8 +93,9 @@ def check_config(script, training, model_args, method: str) -> list[str]:
 
     problems = precision_problems(training, model_args)
     if script.method != method:
-        problems.append(f"method: {script.method!r} is trained by train/{script.method}.py, not this script "
-                        f"(train/{method}.py); run `tunekit train CONFIG`, which picks the script from method"
+        problems.append(f"method: {script.method!r} is trained by train/{METHODS[script.method]}, not this "
+                        f"script (train/{METHODS[method]}); run `tunekit train CONFIG`, which picks the script from "
+                        "method"
                         if script.method in METHODS else
                         f"method: {script.method!r}; use one of {', '.join(METHODS)}")
     if (model_args.attn_implementation or "").startswith("flash_attention") and torch.cuda.is_available():

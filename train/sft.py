@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 # Run as a script (not imported: the importer's environment is its own), before torch loads OpenMP: threads
 # that wait for work sleep instead of spinning. Spinning (the default) burns the cores the other threads of
@@ -39,7 +40,7 @@ if str(ROOT) not in sys.path:  # `python train/sft.py` and `accelerate launch tr
     sys.path.insert(0, str(ROOT))
 
 from tunekit.errors import UserError, run_main  # noqa: E402
-from train import core  # noqa: E402
+from train import core, recipe  # noqa: E402
 from train.core import check_adapter, load_model  # noqa: E402, F401 (importable from here as before)
 # moved to train/chat_data.py and train/run_log.py; importable from here as before
 from train.chat_data import (  # noqa: E402, F401
@@ -52,9 +53,17 @@ class ScriptArguments(core.ScriptArguments):
     shared_prefix: bool = field(default=False, metadata={
         "help": "compute the prompt prefix every example of a batch shares (the system message) once per batch "
                 "instead of once per example: the same loss and gradients, less work (train/shared_prefix.py)"})
+    balance_labels: str = field(default="auto", metadata={
+        "help": "auto | on | off: class-balanced draws of the examples when their answers are labels; auto: only "
+                "when the labels are skewed (train/recipe.py)"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "time budget of the training loop: after a few steps, max_steps is lowered to what fits "
+                "(train/recipe.py); max_steps: auto sizes the run from the train file instead"})
 
 
 # ----------------------------------------------------------------------------- checks before loading
+
+BALANCE_COLUMN = "balance_label"  # the example's label for class-balanced draws (dropped before the model)
 
 # attention implementations that keep the examples of a padding-free (concatenated) batch apart
 PADDING_FREE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -68,6 +77,10 @@ def check_config(script, training, model_args) -> list[str]:
         # the sequence boundaries off position_ids and masks each example off from the others
         problems.append(f"padding_free: needs attn_implementation {' or '.join(PADDING_FREE_ATTENTION)}; "
                         f"set padding_free: false to use {model_args.attn_implementation}")
+    if script.balance_labels not in recipe.BALANCE_MODES:
+        problems.append(f"balance_labels: {script.balance_labels!r}; use one of {', '.join(recipe.BALANCE_MODES)}")
+    if script.max_minutes is not None and script.max_minutes <= 0:
+        problems.append(f"max_minutes: {script.max_minutes}; use a positive number of minutes, or null for no budget")
     if not training.assistant_only_loss:
         problems.append("assistant_only_loss: must be true so that the loss covers only the assistant's "
                         "tokens (and its end-of-turn token)")
@@ -78,9 +91,27 @@ def check_config(script, training, model_args) -> list[str]:
 
 
 def parse(argv=None):
+    """(script, training, model) config; with ``max_steps: auto`` (YAML or flag) ``script.auto_steps`` is True and
+    ``training.max_steps`` -1 until ``resolve_steps`` sizes the run from the train file (train/recipe.py)."""
     from trl import ModelConfig, SFTConfig
 
-    return core.parse((ScriptArguments, SFTConfig, ModelConfig), argv)
+    argv, auto = recipe.take_auto(sys.argv[1:] if argv is None else argv)
+    script, training, model_args = core.parse((ScriptArguments, SFTConfig, ModelConfig), argv)
+    script.auto_steps = auto
+    return script, training, model_args
+
+
+def resolve_steps(script, training) -> dict | None:
+    """``max_steps: auto``: the steps of OpenAI's "auto" epochs for the train file's examples at this batch
+    (train/recipe.py), set on ``training``; what was resolved, or None without auto."""
+    if not getattr(script, "auto_steps", False):
+        return None
+    n = recipe.count_examples(script.train_file)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    training.max_steps = recipe.auto_steps(n, training.per_device_train_batch_size,
+                                           training.gradient_accumulation_steps, processes)
+    script.auto_steps = False  # resolved
+    return {"examples": n, "epochs": recipe.auto_epochs(n), "steps": training.max_steps}
 
 
 def build_trainer(script, training, model_args, model, tokenizer, train_rows, valid_rows=None):
@@ -91,9 +122,18 @@ def build_trainer(script, training, model_args, model, tokenizer, train_rows, va
     from trl import SFTTrainer
 
     model, peft_config = core.start_adapter(script, model_args, model)
+    labels = recipe.answer_labels(train_rows)
+    balance, why = recipe.decide_balance(getattr(script, "balance_labels", "off"), labels)
+    if balance:  # the label travels through TRL's preparation (which may drop examples) as a column
+        train_rows = [{**r, BALANCE_COLUMN: label} for r, label in zip(train_rows, labels)]
     trainer = SFTTrainer(model=model, args=training, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(valid_rows) if valid_rows else None,
                          processing_class=tokenizer, peft_config=peft_config)
+    if getattr(script, "balance_labels", "off") != "off":
+        print(why, flush=True)
+    if balance:
+        sampler = recipe.balanced_sampler(list(trainer.train_dataset[BALANCE_COLUMN]), training.data_seed or training.seed)
+        trainer._get_train_sampler = lambda train_dataset=None: sampler
     if script.shared_prefix:
         from train.shared_prefix import enable
 
@@ -103,11 +143,18 @@ def build_trainer(script, training, model_args, model, tokenizer, train_rows, va
     return trainer
 
 
-def main(argv=None) -> int:
+def main(argv=None, callbacks=()) -> int:
+    """``callbacks``: more TrainerCallbacks for the run (bench/long_run.py's step meter)."""
     script, training, model_args = parse(argv)
     started = time.time()
-    if core.finished(Path(training.output_dir), training):
+    auto = resolve_steps(script, training)
+    # a run cut short by max_minutes finished with fewer steps than it planned: not a run of another length
+    if core.finished(Path(training.output_dir), SimpleNamespace(max_steps=0) if script.max_minutes else training):
         return 0
+    if auto:
+        print(f"max_steps auto: {auto['examples']} train examples -> {auto['epochs']} epochs -> {auto['steps']} steps "
+              f"at batch {training.per_device_train_batch_size} x {training.gradient_accumulation_steps} "
+              "(train/recipe.py)", flush=True)
     # Checks that cost seconds, before the model costs minutes.
     problems = check_config(script, training, model_args)
     if problems:
@@ -131,6 +178,10 @@ def main(argv=None) -> int:
     model = load_model(model_args, training)
     core.check_vocabulary(model, tokenizer)
     trainer = build_trainer(script, training, model_args, model, tokenizer, train_rows, valid_rows)
+    if script.max_minutes:
+        trainer.add_callback(recipe.TimeBudget(script.max_minutes, trainer))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     return core.run(trainer, script, training, model_args, method="sft", started=started, examples=len(train_rows),
                     lengths=lengths, tokenizer=tokenizer, template=template, plots=SFT_PLOTS,
                     summary_keys={"eval_loss_last": "eval_loss",

@@ -48,7 +48,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
 TRAIN_DIR = Path(__file__).resolve().parent.parent / "train"
 SFT_SCRIPT = TRAIN_DIR / "sft.py"
 # a training config's `method:` key -> the script that trains it (train/core.py's METHODS)
-SCRIPTS = {"sft": SFT_SCRIPT, "dpo": TRAIN_DIR / "dpo.py"}
+SCRIPTS = {"sft": SFT_SCRIPT, "dpo": TRAIN_DIR / "dpo.py", "reinforcement": TRAIN_DIR / "grpo.py"}
 # accelerate's flags for one process with no config file (they also silence its warnings)
 SINGLE_PROCESS = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -70,13 +70,14 @@ def script_for(config: str | Path, overrides: list[str] = ()) -> Path:
 
 
 def accelerate_command(config: str | Path, overrides: list[str] = (), accelerate_config: str | None = None,
-                       quiet: bool = True) -> list[str]:
-    """``accelerate launch [--config_file F | one process] train/<method>.py --config CONFIG OVERRIDES``, the
-    script picked by the config's ``method`` key (train/sft.py without one)."""
+                       quiet: bool = True, num_processes: int | None = None) -> list[str]:
+    """``accelerate launch [--config_file F [--num_processes N] | one process] train/<method>.py --config CONFIG
+    OVERRIDES``, the script picked by the config's ``method`` key (train/sft.py without one)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if quiet:
         launch.append("--quiet")
     launch += ["--config_file", accelerate_config] if accelerate_config else SINGLE_PROCESS
+    launch += ["--num_processes", str(num_processes)] if accelerate_config and num_processes else []
     return [*launch, str(script_for(config, overrides)), "--config", str(config), *overrides]
 
 

@@ -4,6 +4,7 @@
     tunekit demo --use-case list                  # the use cases, one line each
     tunekit demo --use-case sensors               # another one (make demo USE_CASE=sensors)
     tunekit demo --steps 40                       # a shorter training run
+    tunekit demo --use-case imdb --steps auto --max-minutes 20   # epochs sized to the data, within 20 minutes
     tunekit demo --use-case imdb --train-rows 32 --steps 2 --limit 8        # a tiny slice, end to end
     tunekit demo --use-case sensors --serve-config my_serve.yaml            # a vLLM server already running
     tunekit demo --use-case sensors -- --lora_r 8 --learning_rate 5e-4      # after --: train/sft.py flags
@@ -51,6 +52,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from tunekit.config import load_config, read_yaml
 from tunekit.errors import UserError, run_main
@@ -72,7 +74,10 @@ class UseCase:
     heldout_sample: int | None = field(default=None, metadata={"help": "with a file: a seeded sample of N rows"})
     sft: str = field(default="", metadata={"help": "train/sft.py config (the CPU profile)"})
     compare: str = field(default="", metadata={"help": "serve.compare config; its serve_config is the server"})
-    steps: int = field(default=100, metadata={"help": "default training steps"})
+    steps: int | Literal["auto"] = field(default=100, metadata={
+        "help": "default training steps, or auto: sized to the train file (train/recipe.py: OpenAI's auto epochs)"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "time budget of the training loop (train/sft.py max_minutes): fewer steps where they would not fit"})
     out: str | None = field(default=None, metadata={"help": "output folder (default runs/<use case>)"})
     needs: list[str] = field(default_factory=list, metadata={
         "help": "other example folders it reads (copied too), e.g. [banking77] for its data"})
@@ -89,7 +94,7 @@ class UseCase:
     def check(self, where: str) -> None:
         missing = [k for k in ("description", "build", "sft", "compare") if not getattr(self, k)]
         problems = [f"{k}: required" for k in missing]
-        if self.steps < 1:
+        if self.steps != "auto" and self.steps < 1:
             problems.append(f"steps: {self.steps} must be a positive number of training steps")
         if self.dpo_steps < 1:
             problems.append(f"dpo_steps: {self.dpo_steps} must be a positive number of DPO steps")
@@ -191,12 +196,14 @@ def check_dpo_configs(case: UseCase) -> None:
         raise UserError("demo.yaml: " + "; ".join(problems))
 
 
-def steps(train_steps: int, use_case: str = DEFAULT_USE_CASE, *, train_rows: int | None = None,
+def steps(train_steps: int | str, use_case: str = DEFAULT_USE_CASE, *, train_rows: int | None = None,
           limit: int | None = None, serve_config: str | None = None, max_tokens: int | None = None,
           train_model: str | None = None, train_args: list[str] = (),
-          dpo_steps: int | None = None) -> list[tuple[str, list[str]]]:
-    """(name, command) for each stage of a use case, run from the working directory; ``dpo_steps``: the DPO
-    stage's (default: the use case's), for use cases with ``dpo``."""
+          dpo_steps: int | None = None, max_minutes: float | None = None) -> list[tuple[str, list[str]]]:
+    """(name, command) for each stage of a use case, run from the working directory; ``train_steps``: a number or
+    "auto" (train/sft.py sizes the run from the train file, and evaluates at its profile's eval_steps and the
+    end); ``dpo_steps``: the DPO stage's (default: the use case's), for use cases with ``dpo``; ``max_minutes``:
+    the supervised stage's time budget."""
     from tunekit.cli import accelerate_command
 
     case, py = load_use_case(use_case), sys.executable
@@ -216,8 +223,10 @@ def steps(train_steps: int, use_case: str = DEFAULT_USE_CASE, *, train_rows: int
                    f"{out}/data/train_tokens.png"]),
         ("train", accelerate_command(case.sft, [
             "--train_file", f"{out}/data/train.jsonl", "--valid_file", f"{out}/data/valid.jsonl",
-            "--output_dir", f"{out}/sft", "--max_steps", str(train_steps), "--eval_steps", str(train_steps),
-            "--save_steps", "50", *(["--model_name_or_path", train_model] if train_model else []), *train_args])),
+            "--output_dir", f"{out}/sft", "--max_steps", str(train_steps),
+            *(["--eval_steps", str(train_steps)] if train_steps != "auto" else []), "--save_steps", "50",
+            *(["--max_minutes", f"{max_minutes:g}"] if max_minutes else []),
+            *(["--model_name_or_path", train_model] if train_model else []), *train_args])),
     ]
     adapters = {"finetuned": f"{out}/sft"}  # the comparison's: alias (without --serve-config) -> run dir
     if case.dpo:
@@ -281,6 +290,15 @@ def running_server(serve_config: str) -> tuple[str | None, set[str]]:
     return (model if Path(model, "config.json").is_file() else None), served
 
 
+def steps_arg(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of steps, or auto") from None
+
+
 def parser() -> argparse.ArgumentParser:
     try:
         epilog = listing()
@@ -295,8 +313,11 @@ def parser() -> argparse.ArgumentParser:
                                        "runs/<use case>/compare/report.md.")
     p.add_argument("--use-case", default=DEFAULT_USE_CASE, metavar="NAME",
                    help=f"the use case to run, or 'list' (default: {DEFAULT_USE_CASE}, the card intents)")
-    p.add_argument("--steps", type=int, help="training steps (default: the use case's; 640 for the card demo, "
-                                             "~12 min on 2 cores)")
+    p.add_argument("--steps", type=steps_arg, help="training steps, or auto: sized to the train file (OpenAI's auto "
+                                                  "epochs; default: the use case's; 640 for the card demo, ~12 min "
+                                                  "on 2 cores)")
+    p.add_argument("--max-minutes", type=float, metavar="M", help="time budget of the training: fewer steps where "
+                                                                  "they would not fit (default: the use case's)")
     p.add_argument("--dpo-steps", type=int, help="DPO steps, for use cases with a DPO stage (banking77_dpo; "
                                                  "default: the use case's)")
     p.add_argument("--train-rows", type=int, metavar="N", help="train on a seeded sample of about N examples "
@@ -318,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.use_case == "list":
         print(listing())
         return 0
-    for flag in ("steps", "dpo_steps", "train_rows", "limit", "max_tokens"):
+    for flag in ("steps", "dpo_steps", "train_rows", "limit", "max_tokens", "max_minutes"):
         value = getattr(args, flag)
-        if value is not None and value < 1:
+        if value is not None and value != "auto" and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
     folders = [args.use_case, *load_use_case(args.use_case).needs]  # an unknown name: one line naming them
     copied = [p for f in folders for p in copy_missing(examples_dir() / f, Path("configs") / f)]
@@ -339,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                             else (None, set()))
     plan = steps(args.steps or case.steps, args.use_case, train_rows=args.train_rows, limit=args.limit,
                  serve_config=args.serve_config, max_tokens=args.max_tokens, train_model=server_model,
-                 train_args=train_args, dpo_steps=args.dpo_steps)
+                 train_args=train_args, dpo_steps=args.dpo_steps, max_minutes=args.max_minutes or case.max_minutes)
     name = adapter_name(args.use_case)
     for i in reversed(range(len(plan))):  # a second run against the same server: new adapters replace the old
         stage, cmd = plan[i]

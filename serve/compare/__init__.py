@@ -34,6 +34,10 @@ chat template; /v1/completions with ``echo`` and ``logprobs`` scores the answer'
 bootstrap CI, the mean margin, and each model's delta against the one before it in ``models``
 (``preference_limit``: the first N pairs); see preference.py.
 
+With ``grader`` (an OpenAI grader in a .json/.yaml file): each model's answers graded against their
+examples' items with serve.graders, the mean reward with a 95% bootstrap CI and its deltas against the first
+model, beside the task's metrics; see grading.py.
+
 Per model: latency p50/p95, input/output tokens, and cost (OpenAI prices from tunekit/prices.yaml;
 local cost = the model's wall time x ``gpu_hour_usd``). Writes to ``out``: predictions.csv (system
 message, input, reference, each model's answer and score), metrics.json (with the deltas), report.md
@@ -46,7 +50,7 @@ was done and ``--resume`` sends only the rest.
 # The package: cli (CompareConfig, main), data (held-out examples), scoring and tasks (the task
 # table), logprobs (class scores from log-probabilities), preference (preference accuracy from the
 # server's log-probabilities), runner (concurrent requests, resume, judge),
-# baseline (TF-IDF), summary, findings (bootstrap deltas, before/after examples), report.
+# baseline (TF-IDF), summary, findings (bootstrap deltas, before/after examples), grading (grader rewards), report.
 from .baseline import BASELINE, baseline_summary, train_baseline
 from .cli import CompareConfig, main
 from .data import Example, load_examples

@@ -17,6 +17,7 @@ from ..client import load_backend
 from .baseline import baseline_summary, train_baseline
 from .data import load_examples
 from .findings import delta_line, deltas
+from .grading import grade_answers, grader_deltas, grader_summary, load_grader
 from .report import console_lines, write_outputs
 from .preference import load_pairs, preference_deltas, preference_summary, run_preferences
 from .runner import RawStore, answered, check_reachable, judge, run_requests
@@ -65,6 +66,9 @@ class CompareConfig:
         "help": "OpenAI DPO JSONL: each model's preference accuracy (preferred answer's log-probability above the "
                 "non-preferred one's, read from the local vLLM server), its bootstrap CI and the mean margin"})
     preference_limit: int | None = field(default=None, metadata={"help": "only the first N preference pairs"})
+    grader: str | None = field(default=None, metadata={
+        "help": "an OpenAI grader (.json or .yaml file): each model's mean reward with a bootstrap CI and deltas, "
+                "each answer graded against its example's item (see serve/compare/grading.py)"})
     reference_figures: list[str] = field(default_factory=list, metadata={
         "help": "report.md: figures measured elsewhere (e.g. a write-up's, on other splits), shown as context"})
     out: str = field(default="runs/compare", metadata={"help": "output folder"})
@@ -113,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
         "models": "MODEL", "limit": "N", "concurrency": "N", "max_retries": "N", "timeout_s": "S",
         "max_tokens": "N", "gpu_hour_usd": "USD", "judge_model": "MODEL", "out": "DIR", "bootstrap": "N",
         "seed": "N", "examples": "N", "format_check": "CHECK", "reference_figures": "TEXT",
-        "preference_data": "FILE.jsonl", "preference_limit": "N"})
+        "preference_data": "FILE.jsonl", "preference_limit": "N", "grader": "FILE.json"})
     p.add_argument("--resume", action="store_true", help="keep the answers already in OUT/raw and send the rest")
     p.add_argument("--start-server", action="store_true",
                    help="local backend: start the vLLM server of the serve config for this run, stop it after")
@@ -161,6 +165,7 @@ def main(argv=None) -> int:
                             "python -m serve.adapters add NAME RUN_DIR")
         backend.settings.server.adapters.update(parse_adapters(args.adapter))
     examples = load_examples(cfg.data, cfg.limit)
+    grader = load_grader(cfg.grader) if cfg.grader else None  # a bad grader is an error before any request
     pairs = load_pairs(cfg.preference_data, cfg.preference_limit) if cfg.preference_data else None
     if pairs and backend.name != "local":
         raise UserError("preference_data: needs the local vLLM backend (the log-probabilities of a given answer come "
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
 
     server = start_server(backend) if args.start_server else None
     interrupted = False
-    judged = preferences = None
+    judged = preferences = graded = None
     try:
         check_reachable(backend, list(models.values()))
         t0 = time.perf_counter()
@@ -190,6 +195,8 @@ def main(argv=None) -> int:
             except KeyboardInterrupt:
                 interrupted = True
                 preferences = {a: RawStore(out, f"{a}.preference").load() for a in models}
+        if grader and not interrupted:  # while the server is up: model graders ask it
+            graded = grade_answers(cfg, grader, examples, results, backend.client())
         elapsed = time.perf_counter() - t0
         if task.judge and cfg.judge_model and len(models) >= 2 and not interrupted:  # while the server is up
             answers = {a: {i: r.get("answer") for i, r in results[a].items()} for a in models}
@@ -208,6 +215,11 @@ def main(argv=None) -> int:
     if preferences is not None:
         for s in summaries:
             s.update(preference_summary(cfg, pairs, preferences[s["alias"]]))
+    if graded:
+        for s in summaries:
+            s.update(grader_summary(cfg, grader, graded[s["alias"]]))
+            for ex, g in zip(examples, graded[s["alias"]]):  # predictions.csv's <model>_reward
+                results[s["alias"]].setdefault(ex.idx, {"error": "not_sent"})["reward"] = g["reward"]
     if baseline:
         summaries.append(baseline_summary(cfg, examples, baseline))
     metrics = {"config": asdict(cfg), "backend": backend.name, "examples": len(examples),
@@ -218,11 +230,13 @@ def main(argv=None) -> int:
         metrics["judge"] = judged
     if preferences is not None:
         metrics["preference_deltas"] = preference_deltas(cfg, pairs, preferences)
+    if graded:
+        metrics["grader_deltas"] = grader_deltas(cfg, graded)
     write_outputs(out, cfg, examples, results, baseline, metrics)
 
     for line in console_lines(cfg, summaries):
         print(line)
-    for d in metrics["deltas"] + metrics.get("preference_deltas", []):
+    for d in metrics["deltas"] + metrics.get("preference_deltas", []) + metrics.get("grader_deltas", []):
         print(f"  {delta_line(d)}")
     print(f"report: {out / 'report.md'} (predictions: {out / 'predictions.csv'}; metrics.json, plots)")
     if interrupted:

@@ -5,13 +5,25 @@ when it runs. The headline metric is a mean of per-example scores (the task tabl
 so the paired bootstrap resamples example indices (``bootstrap`` times, numpy seeded with ``seed``),
 the same indices for both sides, and takes the 2.5th and 97.5th percentiles of the resampled mean
 difference. Beside it, the differences of latency, tokens and cost that the table shows per model.
+
+Collapse (``collapse``): a fine-tune that gives one answer to most inputs (an adapter trained on skewed labels
+that learned the majority answer) can score a fair accuracy while being useless. Per model, the answers are
+normalised as the task compares them (the label; the JSON object on the scored fields; the text with its
+whitespace folded) and the most common one's share of the inputs is set beside the most common reference's.
+A model is flagged when that answer covers at least ``COLLAPSE_SHARE`` of the inputs and either it covers
+``COLLAPSE_MARGIN`` more than the most common reference does, or nearly every input (``COLLAPSE_ALL``) while
+more than ``1 - COLLAPSE_ALL`` of the references differ, or (label task) its macro-F1 is at most
+``MACRO_F1_RATIO`` of its accuracy. Held-out sets under ``COLLAPSE_MIN_EXAMPLES`` are not judged.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from collections import Counter
+
 from .baseline import BASELINE, baseline_rows
+from .scoring import canonical_json, extract_label, parse_json
 from .tasks import TASKS, row_score
 
 if TYPE_CHECKING:
@@ -69,6 +81,71 @@ def deltas(cfg: CompareConfig, examples, results: dict[str, dict], baseline: dic
             entry[f"{key}_delta"] = round(x - y, 6) if x is not None and y is not None else None
         out.append(entry)
     return out
+
+
+COLLAPSE_SHARE, COLLAPSE_MARGIN, COLLAPSE_ALL, MACRO_F1_RATIO, COLLAPSE_MIN_EXAMPLES = 0.5, 0.2, 0.95, 0.5, 10
+COLLAPSE_FIX = ("class-balanced training (train/sft.py `balance_labels: on`), more steps (`max_steps: auto`), and "
+                "the train file's label distribution (`tunekit stats TRAIN.jsonl`)")
+
+
+def normalised(cfg: CompareConfig, text: str | None) -> str | None:
+    """An answer (or reference) as the task compares it; None when it has none (unparsed, failed)."""
+    if text is None:
+        return None
+    if cfg.task == "label":
+        return extract_label(text, cfg.label_field)
+    if cfg.task == "json":
+        obj = parse_json(text)
+        return canonical_json(obj, cfg.json_fields) if isinstance(obj, dict) else None
+    return " ".join(text.split()) or None
+
+
+def collapse(cfg: CompareConfig, examples, results: dict[str, dict], summaries: list[dict]) -> list[dict]:
+    """The models that give one answer to most inputs (see the module doc): one entry each, for metrics.json's
+    ``collapse``, report.md's warning and the console's."""
+    n = len(examples)
+    refs = Counter(r for ex in examples if (r := normalised(cfg, ex.reference)) is not None)
+    if n < COLLAPSE_MIN_EXAMPLES or not refs:
+        return []
+    ref_answer, ref_count = refs.most_common(1)[0]
+    by = {s["alias"]: s for s in summaries}
+    out = []
+    for alias, recs in results.items():
+        answers = Counter(a for a in (normalised(cfg, x) for x in answers_of(recs, examples)) if a is not None)
+        if not answers:
+            continue
+        answer, count = answers.most_common(1)[0]
+        share, ref_share = count / n, ref_count / n
+        s = by.get(alias, {})
+        acc, f1 = s.get("accuracy"), s.get("macro_f1")
+        reasons = []
+        if share >= ref_share + COLLAPSE_MARGIN:
+            reasons.append(f"the most common reference covers {ref_share:.0%}")
+        elif share >= COLLAPSE_ALL and ref_share <= COLLAPSE_ALL:
+            reasons.append(f"{1 - ref_share:.0%} of the references are something else")
+        if cfg.task == "label" and acc and f1 is not None and f1 <= MACRO_F1_RATIO * acc:
+            reasons.append(f"macro-F1 {f1:.3f} against accuracy {acc:.3f}")
+        if share >= COLLAPSE_SHARE and reasons:
+            out.append({"model": alias, "answer": answer, "count": count, "n": n, "share": round(share, 4),
+                        "distinct_answers": len(answers), "reference_top": ref_answer,
+                        "reference_top_share": round(ref_share, 4), "reference_classes": len(refs),
+                        "reasons": reasons})
+    return out
+
+
+def collapse_line(c: dict) -> str:
+    """``finetuned gives one answer ("none") to 118 of 120 inputs (98%) while ...: it has likely collapsed ...``"""
+    return (f"{c['model']} gives one answer ({_short(c['answer'], 60)!r}) to {c['count']} of {c['n']} inputs "
+            f"({c['share']:.0%}; {c['distinct_answers']} distinct answers, the references have "
+            f"{c['reference_classes']}) while {'; '.join(c['reasons'])}: it has likely collapsed onto one answer. "
+            f"Likely fixes: {COLLAPSE_FIX}.")
+
+
+def collapse_lines(metrics: dict) -> list[str]:
+    """report.md's warning section (none without a collapsed model)."""
+    found = metrics.get("collapse") or []
+    return ["", "## Warning: a model gives one answer to most inputs", "", *[f"- {collapse_line(c)}" for c in found]
+            ] if found else []
 
 
 def signed(v, digits: int = 3) -> str:

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .baseline import BASELINE, baseline_score
-from .findings import delta_lines, example_lines
+from .findings import collapse, collapse_line, collapse_lines, delta_lines, example_lines
+from .grading import console_part as grader_part
+from .grading import report_lines as grader_lines
 from .preference import console_part
 from .preference import report_lines as preference_lines
 from .scoring import FORMAT_MEANING
@@ -43,8 +45,10 @@ def write_predictions(path: Path, cfg, examples, results, baseline) -> None:
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         header = ["idx", "line", "system", "input", "reference"]
+        graded = bool(cfg.grader)
         for alias in results:
-            header += [f"{alias}_answer", f"{alias}_score", f"{alias}_latency_s", f"{alias}_error"]
+            header += [f"{alias}_answer", f"{alias}_score", f"{alias}_latency_s", f"{alias}_error",
+                       *([f"{alias}_reward"] if graded else [])]
         if baseline:
             header += [f"{BASELINE}_answer", f"{BASELINE}_score"]
         w.writerow(header)
@@ -53,7 +57,7 @@ def write_predictions(path: Path, cfg, examples, results, baseline) -> None:
             for alias, recs in results.items():
                 rec = recs.get(ex.idx, {"error": "not_sent"})
                 row += [rec.get("answer"), row_score(cfg, ex.reference, rec.get("answer")), rec.get("latency_s"),
-                        rec.get("error") or ""]
+                        rec.get("error") or "", *([rec.get("reward")] if graded else [])]
             if baseline:
                 pred = baseline["preds"][ex.idx]
                 row += [pred, baseline_score(cfg, ex.reference, pred)]
@@ -151,8 +155,10 @@ def write_report(out: Path, cfg: CompareConfig, metrics: dict, plots: list[str],
     failures = {s["alias"]: s["failed"] for s in metrics["models"] if s.get("failed")}
     lines += ["", "Failed requests (counted as wrong, listed in predictions.csv): "
               + (json.dumps(failures) if failures else "none") + "."]
+    lines += collapse_lines(metrics)
     lines += delta_lines(metrics)
     lines += preference_lines(cfg, metrics)
+    lines += grader_lines(cfg, metrics)
     if cfg.reference_figures:
         lines += ["", "## Figures from elsewhere", "",
                   "Measured on other data and splits (`reference_figures`): context beside the table above, "
@@ -165,7 +171,12 @@ def write_report(out: Path, cfg: CompareConfig, metrics: dict, plots: list[str],
 
 def write_outputs(out: Path, cfg: CompareConfig, examples, results: dict, baseline: dict | None,
                   metrics: dict) -> list[str]:
-    """predictions.csv, the plots, metrics.json and report.md (in that order); the plot names."""
+    """predictions.csv, the plots, metrics.json and report.md (in that order); the plot names. A model that
+    collapsed onto one answer is named in metrics.json's ``collapse`` and its summary's (the console's warning)."""
+    metrics["collapse"] = collapse(cfg, examples, results, metrics["models"])
+    by = {s["alias"]: s for s in metrics["models"]}
+    for c in metrics["collapse"]:
+        by[c["model"]]["collapse"] = c
     write_predictions(out / "predictions.csv", cfg, examples, results, baseline)
     plots = plot(out, cfg, metrics["models"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -181,5 +192,6 @@ def console_lines(cfg: CompareConfig, summaries: list[dict]) -> list[str]:
         failed = sum(s.get("failed", {}).values())
         extras = "".join(f", {name} {fmt(s.get(key))}" for name, key in task.also_printed)
         lines.append(f"{s['alias']:>16}: {task.headline} {fmt(s.get(task.headline))}{extras}"
-                     f"{console_part(s)}, p50 {fmt(s.get('latency_p50_s'))} s, failed {failed}")
+                     f"{console_part(s)}{grader_part(s)}, p50 {fmt(s.get('latency_p50_s'))} s, failed {failed}")
+    lines += [f"warning: {collapse_line(s['collapse'])}" for s in summaries if s.get("collapse")]
     return lines

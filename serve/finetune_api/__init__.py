@@ -1,5 +1,6 @@
 """OpenAI's fine-tuning API, served locally: files and fine-tuning jobs that train with train/sft.py
-(supervised) or train/dpo.py (DPO), and chat with the models they make, all on one port.
+(supervised), train/dpo.py (DPO) or train/grpo.py (reinforcement), and chat with the models they make, all on
+one port.
 
     python -m serve.finetune_api --config configs/banking77/finetune_api.yaml
     python -m serve.finetune_api --port 8100 --data-dir runs/finetune_api --sft-config configs/banking77/sft_cpu.yaml
@@ -12,6 +13,9 @@ the key below (OPENAI_API_KEY); nothing else in a fine-tuning script changes:
                                          hyperparameters={"n_epochs": 3}, suffix="bank", seed=42)
     client.fine_tuning.jobs.create(training_file=<DPO JSONL>, model=job.fine_tuned_model,
                                    method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}})
+    client.fine_tuning.jobs.create(training_file=<RFT JSONL>, validation_file=..., model="o4-mini-2025-04-16",
+                                   method={"type": "reinforcement", "reinforcement": {"grader": {...},
+                                           "hyperparameters": {"compute_multiplier": 1.0, "eval_interval": 5}}})
     client.fine_tuning.jobs.retrieve(job.id); client.fine_tuning.jobs.list_events(job.id)
     client.fine_tuning.jobs.pause(job.id); client.fine_tuning.jobs.resume(job.id)
     client.chat.completions.create(model=job.fine_tuned_model, messages=[...], stream=True)
@@ -21,7 +25,7 @@ retrieve, cancel, pause, resume, events, checkpoints), /v1/models (list, retriev
 /v1/completions (streaming too). Jobs run one per device at once (``devices``: each GPU, pinned with
 CUDA_VISIBLE_DEVICES, less vLLM's; one on a CPU; ``max_running``, ``queue_order``: ``slots.py``):
 validating_files -> queued -> running -> succeeded | failed | cancelled (paused and back to queued on
-request), each as ``accelerate launch train/<sft|dpo>.py`` on a profile (``hyperparameters.py``: OpenAI's
+request), each as ``accelerate launch train/<sft|dpo|grpo>.py`` on a profile (``hyperparameters.py``: OpenAI's
 "auto" rules and what each value means locally). The methods, locally:
 
 - ``supervised`` (the default, and the deprecated top-level ``hyperparameters``): train/sft.py, TRL's
@@ -29,9 +33,13 @@ request), each as ``accelerate launch train/<sft|dpo>.py`` on a profile (``hyper
 - ``dpo``: train/dpo.py, TRL's DPOTrainer (sigmoid loss at ``beta``; the reference is the model with the
   adapter disabled, or a frozen copy of the adapter it starts from), on OpenAI's DPO JSONL as uploaded,
   with the ``dpo_config`` profile;
-- ``reinforcement``: refused (400 ``unsupported_value``).
+- ``reinforcement``: train/grpo.py, TRL's GRPOTrainer with LoRA: for each prompt of OpenAI's RFT JSONL it
+  samples ``num_generations`` answers (``compute_multiplier``), grades each with the job's grader
+  (``serve.graders``, checked at creation as the graders API checks it; python graders sandboxed, see
+  ``python_graders``) and moves the adapter toward those above their group's mean, with the ``rl_config``
+  profile; its events carry OpenAI's RFT metrics (``train_mean_reward``, ``full_valid_mean_reward``).
 
-Either method may start from an ``ft:`` model this server made (a succeeded job's or a checkpoint's): the
+Any method may start from an ``ft:`` model this server made (a succeeded job's or a checkpoint's): the
 run trains on from that adapter, as OpenAI runs DPO on a supervised fine-tune. A succeeded job's
 ``fine_tuned_model`` has OpenAI's shape ``ft:<model>:<organization>:<suffix>:<id>`` (``<model>`` the base
 snapshot): the adapter is recorded in runs/registry.json (the client's ``finetuned`` alias) and loaded into

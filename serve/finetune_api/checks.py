@@ -10,10 +10,15 @@ at most 5 (the job object's maxItems) of ``{"type": "wandb", "wandb": {"project"
 ``method``: ``{"type": "supervised", "supervised": {"hyperparameters": {...}}}`` with
 FineTuneSupervisedHyperparameters (``n_epochs`` 1-50, ``batch_size`` 1-256, ``learning_rate_multiplier``
 > 0), or ``{"type": "dpo", "dpo": {"hyperparameters": {...}}}`` with FineTuneDPOHyperparameters (the same
-three and ``beta``, > 0 and <= 2), each "auto" or a number. The object given must be the type's
-(``method.supervised`` with type dpo is an error naming it). The deprecated top-level ``hyperparameters``
-is the supervised ones' old spelling, as on OpenAI: refused with type dpo. ``reinforcement`` is OpenAI's
-third type and refused here (``unsupported_value``).
+three and ``beta``, > 0 and <= 2), each "auto" or a number, or ``{"type": "reinforcement", "reinforcement":
+{"grader": {...}, "hyperparameters": {...}, "response_format": {...}}}``: the grader is required and checked
+as the graders API checks it (``serve.graders.validate``; a 400 names ``method.reinforcement.grader.<param>``),
+FineTuneReinforcementHyperparameters are the three above and ``compute_multiplier`` (> 0.00001, <= 10),
+``eval_interval`` and ``eval_samples`` (integers >= 1), each "auto" or a number, and ``reasoning_effort``
+(default, low, medium or high; "default" when not given); ``response_format`` (OpenAI's guide passes one for
+structured outputs) is a ``json_schema``, ``json_object`` or ``text`` format. The object given must be the
+type's (``method.supervised`` with type dpo is an error naming it). The deprecated top-level
+``hyperparameters`` is the supervised ones' old spelling, as on OpenAI: refused with the other types.
 
 Each refusal is an ``APIError`` (400, ``invalid_request_error``) whose ``param`` names the field as the
 request spelled it (``method.supervised.hyperparameters.n_epochs``) and whose ``code`` and message
@@ -34,10 +39,14 @@ from .models import FineTuningJobWandbIntegrationObject
 # (low, high): integers low..high; decimals above low (exclusive), at most high
 HYPERPARAMETERS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (0, None)}
 DPO_HYPERPARAMETERS = {"beta": (0, 2), **HYPERPARAMETERS}
-BOUNDS = {"supervised": HYPERPARAMETERS, "dpo": DPO_HYPERPARAMETERS}
-INTEGERS = ("n_epochs", "batch_size")
+REASONING_EFFORTS = ("default", "low", "medium", "high")
+RL_HYPERPARAMETERS = {**HYPERPARAMETERS, "compute_multiplier": (0.00001, 10), "eval_interval": (1, None),
+                      "eval_samples": (1, None), "reasoning_effort": REASONING_EFFORTS}
+BOUNDS = {"supervised": HYPERPARAMETERS, "dpo": DPO_HYPERPARAMETERS, "reinforcement": RL_HYPERPARAMETERS}
+INTEGERS = ("n_epochs", "batch_size", "eval_interval", "eval_samples")
 METHODS = ("supervised", "dpo", "reinforcement")
-SERVED = ("supervised", "dpo")
+RL_KEYS = ("grader", "hyperparameters", "response_format")
+RESPONSE_FORMATS = ("json_schema", "json_object", "text")
 SUFFIX = re.compile(r"[A-Za-z0-9._-]+")
 MAX_SEED, MAX_SUFFIX, MAX_METADATA, MAX_KEY, MAX_VALUE, MAX_INTEGRATIONS = 2**31 - 1, 64, 16, 64, 512, 5
 
@@ -81,11 +90,17 @@ def check_integer(param: str, value, low: int, high: int | None, auto: bool = Fa
     return int(value)
 
 
+def auto(kind: str) -> dict:
+    """Every hyperparameter of method ``kind`` as not given: "auto" ("default" for reasoning_effort)."""
+    return {key: "default" if key == "reasoning_effort" else "auto" for key in BOUNDS[kind]}
+
+
 def method(body: dict) -> dict:
-    """The job's ``method`` object: ``{"type": "supervised" | "dpo", "<type>": {"hyperparameters": {...}}}``,
-    each hyperparameter "auto" or its number. Without ``method``, supervised with the deprecated top-level
-    ``hyperparameters`` (both spellings may be given for a supervised job when they agree; a DPO job's go in
-    ``method.dpo.hyperparameters`` only, as on OpenAI)."""
+    """The job's ``method`` object: ``{"type": "supervised" | "dpo" | "reinforcement", "<type>":
+    {"hyperparameters": {...}}}`` (a reinforcement one with its ``grader`` too), each hyperparameter "auto" or its
+    number. Without ``method``, supervised with the deprecated top-level ``hyperparameters`` (both spellings may be
+    given for a supervised job when they agree; the other methods' go in ``method.<type>.hyperparameters`` only,
+    as on OpenAI)."""
     given = body.get("method")
     if given is None:
         return {"type": "supervised", "supervised": {"hyperparameters": supervised({}, body.get("hyperparameters"))}}
@@ -97,9 +112,6 @@ def method(body: dict) -> dict:
     if kind_ not in METHODS:
         raise APIError(400, f"Invalid value: {kind_!r}. Supported values are: 'supervised', 'dpo', and "
                        "'reinforcement'.", "method.type", "invalid_value")
-    if kind_ not in SERVED:
-        raise APIError(400, f"Unsupported value: 'method.type' does not support {kind_!r} on this server; "
-                       "'supervised' and 'dpo' fine-tuning are available here.", "method.type", "unsupported_value")
     for key in given:
         if key not in ("type", *METHODS):
             raise APIError(400, f"Unknown parameter: 'method.{key}'.", f"method.{key}", "unknown_parameter")
@@ -107,14 +119,53 @@ def method(body: dict) -> dict:
             raise APIError(400, f"Invalid 'method.{key}': method.type is {kind_!r}; give the hyperparameters as "
                            f"'method.{kind_}.hyperparameters' (or set method.type to {key!r}).", f"method.{key}",
                            "invalid_value")
+    extra = reinforcement(given.get(kind_)) if kind_ == "reinforcement" else {}
     hp = method_hyperparameters(kind_, given.get(kind_))
     if kind_ == "supervised":
         hp = supervised(hp, body.get("hyperparameters"))
     elif body.get("hyperparameters"):
+        what = "a DPO job's" if kind_ == "dpo" else "a reinforcement job's"
         raise APIError(400, "Invalid 'hyperparameters': the top-level hyperparameters are for supervised jobs only "
-                       "(and deprecated); give a DPO job's as 'method.dpo.hyperparameters'.", "hyperparameters",
+                       f"(and deprecated); give {what} as 'method.{kind_}.hyperparameters'.", "hyperparameters",
                        "invalid_value")
-    return {"type": kind_, kind_: {"hyperparameters": hp or {key: "auto" for key in BOUNDS[kind_]}}}
+    return {"type": kind_, kind_: {**extra, "hyperparameters": hp or auto(kind_)}}
+
+
+def reinforcement(obj) -> dict:
+    """``method.reinforcement``'s grader (required, checked as the graders API checks it) and response_format."""
+    from serve.graders import GraderInvalid, validate
+
+    if obj is None:
+        raise missing("method.reinforcement.grader")
+    if not isinstance(obj, dict):
+        raise bad_type("method.reinforcement", "an object", obj)
+    if obj.get("grader") is None:
+        raise missing("method.reinforcement.grader")
+    try:
+        validate(obj["grader"], "method.reinforcement.grader")
+    except GraderInvalid as exc:
+        raise APIError(400, exc.message, exc.param, "invalid_value") from None
+    out = {"grader": obj["grader"]}
+    if obj.get("response_format") is not None:
+        out["response_format"] = response_format(obj["response_format"])
+    return out
+
+
+def response_format(value) -> dict:
+    param = "method.reinforcement.response_format"
+    if not isinstance(value, dict):
+        raise bad_type(param, "an object", value)
+    if value.get("type") not in RESPONSE_FORMATS:
+        raise APIError(400, f"Invalid value: {value.get('type')!r}. Supported values are: 'json_schema', "
+                       "'json_object', and 'text'.", f"{param}.type", "invalid_value")
+    if value["type"] == "json_schema":
+        schema = value.get("json_schema")
+        if not isinstance(schema, dict):
+            raise missing(f"{param}.json_schema") if schema is None else bad_type(f"{param}.json_schema",
+                                                                                  "an object", schema)
+        if not isinstance(schema.get("name"), str):
+            raise missing(f"{param}.json_schema.name")
+    return value
 
 
 def method_hyperparameters(kind_: str, obj) -> dict | None:
@@ -124,7 +175,7 @@ def method_hyperparameters(kind_: str, obj) -> dict | None:
     if not isinstance(obj, dict):
         raise bad_type(f"method.{kind_}", "an object", obj)
     for key in obj:
-        if key != "hyperparameters":
+        if key not in (RL_KEYS if kind_ == "reinforcement" else ("hyperparameters",)):
             raise APIError(400, f"Unknown parameter: 'method.{kind_}.{key}'.", f"method.{kind_}.{key}",
                            "unknown_parameter")
     return checked(f"method.{kind_}.hyperparameters", obj.get("hyperparameters"), BOUNDS[kind_])
@@ -151,10 +202,17 @@ def checked(prefix: str, hp, bounds: dict) -> dict | None:
             raise APIError(400, f"Unknown parameter: '{prefix}.{key}'.", f"{prefix}.{key}", "unknown_parameter")
     if not hp:
         return None
-    return {key: one_hyperparameter(f"{prefix}.{key}", key, hp.get(key, "auto"), bounds[key]) for key in bounds}
+    return {key: one_hyperparameter(f"{prefix}.{key}", key, hp.get(key), bounds[key]) for key in bounds}
 
 
 def one_hyperparameter(param: str, key: str, value, bounds: tuple):
+    if key == "reasoning_effort":  # an enum with no "auto" (FineTuneReinforcementHyperparameters)
+        if value is None:
+            return "default"
+        if value not in bounds:
+            raise APIError(400, f"Invalid value: {value!r}. Supported values are: 'default', 'low', 'medium', and "
+                           "'high'.", param, "invalid_value")
+        return value
     if value in ("auto", None):  # null: as if not given
         return "auto"
     low, high = bounds
@@ -165,10 +223,10 @@ def one_hyperparameter(param: str, key: str, value, bounds: tuple):
     if not math.isfinite(value):
         raise APIError(400, f"Invalid value for '{param}': {value}; expected a finite number.", param, "invalid_value")
     if value <= low:
-        raise APIError(400, f"Invalid '{param}': decimal below minimum value. Expected a value > {low}, but got "
+        raise APIError(400, f"Invalid '{param}': decimal below minimum value. Expected a value > {low:g}, but got "
                        f"{value:g} instead.", param, "decimal_below_min_value")
     if high is not None and value > high:
-        raise APIError(400, f"Invalid '{param}': decimal above maximum value. Expected a value <= {high}, but got "
+        raise APIError(400, f"Invalid '{param}': decimal above maximum value. Expected a value <= {high:g}, but got "
                        f"{value:g} instead.", param, "decimal_above_max_value")
     return float(value)
 

@@ -200,14 +200,15 @@ def main(argv=None) -> int:
     setup_logging(cfg.log_level, [api_key, vllm_key])
     if not Path(base_path).exists():
         log.warning("model %s not found; jobs will fail until it exists (`make model`)", base_path)
-    local = LocalVLLM(cfg, vllm_key) if cfg.start_vllm and not cfg.vllm_url else None
+    local = LocalVLLM(cfg, vllm_key) if cfg.start_vllm and not (cfg.vllm_url or cfg.vllm_urls) else None
     if local and port_taken(cfg.host, cfg.port):  # before vLLM starts for nothing
         raise UserError(f"port: {cfg.host}:{cfg.port} is in use; stop what holds it or pass --port")
     from .proxy import Upstream
     from .routes import create_app
 
     app = create_app(cfg, api_key, upstream=Upstream.of(cfg, local))
-    chat = (f"chat through vLLM at {cfg.vllm_url}" if cfg.vllm_url else "chat through the vLLM server it starts"
+    chat = (f"chat through vLLM at {cfg.vllm_url or ', '.join(cfg.vllm_urls)}" if cfg.vllm_url or cfg.vllm_urls
+            else "chat through the vLLM server it starts"
             if local else "chat off (start_vllm false, no vllm_url)")
     log.info("fine-tuning API on http://%s:%s/v1: base model %s (%s), data in %s, %s, %s", cfg.host, cfg.port,
              base_name, base_path, cfg.data_dir, "API key required" if api_key else "no API key", chat)

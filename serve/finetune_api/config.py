@@ -18,6 +18,7 @@ from tunekit.logs import LOG_LEVELS, LogLevel  # noqa: F401 (re-exported)
 
 
 DEFAULT_DPO_CONFIG = "configs/banking77/dpo_cpu.yaml"  # the CPU demo's DPO profile (see check_models)
+DEFAULT_RL_CONFIG = "configs/banking77/grpo_cpu.yaml"  # the CPU demo's reinforcement profile
 
 
 @dataclass
@@ -28,6 +29,12 @@ class FinetuneAPIConfig:
     sft_config: str = opt("configs/banking77/sft_cpu.yaml", "train/sft.py config jobs start from")
     dpo_config: str = opt(DEFAULT_DPO_CONFIG, "train/dpo.py profile DPO jobs start from (it must train "
                                                             "the base model; not found: DPO jobs are refused)")
+    rl_config: str = opt(DEFAULT_RL_CONFIG, "train/grpo.py profile reinforcement jobs start from (it must train the "
+                                            "base model; not found: reinforcement jobs are refused)")
+    python_graders: Literal["auto", "on", "off"] = opt("auto", "python graders (graders API, reinforcement jobs): auto "
+                                                               "runs them sandboxed when the API listens on loopback "
+                                                               "and this OS grants every isolation layer; on: also "
+                                                               "beyond loopback or with fewer layers; off: refused")
     sft_overrides: dict = opt(dict, "sft keys set for every job (model, max_length, ...); YAML only")
     base_model: str | None = opt(None, "the model name jobs give (default: the sft config's model folder name)")
     models: dict = opt(dict, "OpenAI model name -> train/sft.py profile; 'default' for the other OpenAI names "
@@ -45,12 +52,29 @@ class FinetuneAPIConfig:
     max_running: int | None = opt(None, "most jobs training at once (unset: one per device; more share the devices)")
     queue_order: Literal["fifo", "shortest_first"] = opt("fifo", "the queued job that starts next: fifo (in "
                                                                  "creation order) or shortest_first (fewest steps)")
+    executor: Literal["local", "ray"] = opt("local", "where jobs train: local (processes on this machine, a job per "
+                                                     "device) or ray (jobs on the Ray cluster at ray_address, Ray's "
+                                                     "Jobs API; data_dir and the checkout at the same paths on every "
+                                                     "node: docs/team.md)")
+    ray_address: str | None = opt(None, "executor ray: the Ray dashboard's address (its Jobs API), e.g. "
+                                        "http://HEAD:8265")
+    gpus_per_job: int = opt(1, "GPUs a job trains on, a process each (2 or more: accelerate's data parallel, "
+                               "configs/accelerate/ddp_jobs.yaml; on the CPU, that many processes); executor ray: 0 "
+                               "trains on a node's CPUs")
+    cpus_per_job: float | None = opt(None, "executor ray: CPUs a job reserves on its node (unset: 1)")
+    accelerator_type: str | None = opt(None, "executor ray: only nodes with this accelerator (Ray's "
+                                             "accelerator_type:<type> resource: A100, T4, ..., or one given with "
+                                             "`ray start --resources`)")
     max_file_mb: float = opt(512.0, "upload size limit in MB (413 above it)")
     result_base64: bool = opt(True, "result files base64-encoded, as OpenAI serves them")
     omp_num_threads: int | None = opt(1, "OMP_NUM_THREADS of the training process")
     api_key_env: str = opt("TUNEKIT_API_KEY", "environment variable holding the key clients must send")
     vllm_url: str | None = opt(None, "load finished adapters into this vLLM server, e.g. http://127.0.0.1:8000/v1")
     vllm_api_key_env: str = opt("TUNEKIT_API_KEY", "environment variable holding that vLLM server's key")
+    vllm_urls: list[str] = opt(list, "several vLLM servers of the base model behind chat, instead of vllm_url "
+                                      "(--vllm-urls URL URL ...): each request goes to the healthy one with the "
+                                      "fewest in flight, adapters are loaded where requests land, a server that "
+                                      "fails is left out until its /health answers again")
     start_vllm: bool = opt(True, "without vllm_url, start a vLLM server behind /v1/chat/completions (and stop it "
                                  "with the API); --no-start-vllm serves fine-tuning only")
     vllm_port: int | None = opt(None, "port of the vLLM server it starts, on 127.0.0.1 (default: a free one; "
@@ -76,10 +100,13 @@ class FinetuneAPIConfig:
 # files, which this server does not train on; it trains chat JSONL only.
 OPENAI_MODELS = ("gpt-4o-mini-2024-07-18", "gpt-4o-2024-08-06", "gpt-4.1-2025-04-14", "gpt-4.1-mini-2025-04-14",
                  "gpt-4.1-nano-2025-04-14", "gpt-4-0613", "gpt-3.5-turbo-0125", "gpt-3.5-turbo-1106",
-                 "gpt-3.5-turbo-0613", "gpt-4o-mini", "gpt-3.5-turbo")
+                 "gpt-3.5-turbo-0613", "gpt-4o-mini", "gpt-3.5-turbo",
+                 # reinforcement fine-tuning's (OpenAI's RFT guide: "o4-mini-2025-04-16, reasoning models only")
+                 "o4-mini-2025-04-16", "o4-mini")
 # What OpenAI's job object shows for an alias: the snapshot it resolves to (a job created with
 # model="gpt-3.5-turbo" reads model="gpt-3.5-turbo-0125").
-ALIASES = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-3.5-turbo": "gpt-3.5-turbo-0125"}
+ALIASES = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-3.5-turbo": "gpt-3.5-turbo-0125",
+           "o4-mini": "o4-mini-2025-04-16"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -120,6 +147,11 @@ def check_models(cfg: FinetuneAPIConfig) -> str:
         raise UserError(f"dpo_config: {cfg.dpo_config} trains {other} but {base[0]} ({base[1]}) trains {path}; DPO "
                         "jobs fine-tune the server's one base model: give the DPO profile the same "
                         "model_name_or_path")
+    other = _profile_base(cfg, cfg.rl_config, "rl_config")
+    if other and other != path and cfg.rl_config != DEFAULT_RL_CONFIG:
+        raise UserError(f"rl_config: {cfg.rl_config} trains {other} but {base[0]} ({base[1]}) trains {path}; "
+                        "reinforcement jobs fine-tune the server's one base model: give the profile the same "
+                        "model_name_or_path")
     return path
 
 
@@ -140,6 +172,20 @@ def dpo_refusal(cfg: FinetuneAPIConfig) -> str | None:
 def dpo_profile(cfg: FinetuneAPIConfig) -> str | None:
     """The train/dpo.py profile of DPO jobs; None when this server turns them away (``dpo_refusal``)."""
     return None if dpo_refusal(cfg) else str(cfg.dpo_config)
+
+
+def _profile_base(cfg: FinetuneAPIConfig, profile: str | None, key: str) -> str | None:
+    return _base_path(cfg, profile, key) if profile and Path(profile).is_file() else None
+
+
+def rl_refusal(cfg: FinetuneAPIConfig) -> str | None:
+    """Why this server turns reinforcement jobs away (None: ``rl_config`` is a train/grpo.py profile of its base)."""
+    other, path = _profile_base(cfg, cfg.rl_config, "rl_config"), check_models(cfg)
+    if other is None:
+        return f"its rl_config ({cfg.rl_config}) is not found"
+    if other != path:
+        return f"its rl_config ({cfg.rl_config}) trains {other}, not this server's base model {path}"
+    return None
 
 
 def base_model_of(cfg: FinetuneAPIConfig) -> tuple[str, str]:

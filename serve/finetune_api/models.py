@@ -12,11 +12,13 @@ completion answers are the vLLM server's, passed on as they come: see proxy.py.)
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from openai.types import FileDeleted, FileObject, Model
 from openai.types.fine_tuning import FineTuningJob as SDKFineTuningJob
 from openai.types.fine_tuning import FineTuningJobEvent, FineTuningJobWandbIntegrationObject
+from openai.types.fine_tuning import ReinforcementMethod as SDKReinforcementMethod
+from openai.types.fine_tuning.fine_tuning_job import Method as SDKMethod
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from pydantic import BaseModel
 
@@ -29,11 +31,23 @@ __all__ = ["CheckpointList", "ErrorDetail", "ErrorResponse", "EventList", "FileD
 # ----------------------------------------------------------------------------- the job
 
 
+class ReinforcementMethod(SDKReinforcementMethod):
+    """A reinforcement job's method: its grader as given (serve.graders validated it at creation), since a multi
+    grader's ``graders`` may be OpenAI's {name: grader} map (its RFT guide's), which the SDK's type (one grader)
+    does not describe; ``response_format`` is kept as an extra key, as OpenAI's guide sends it."""
+    grader: dict[str, Any]
+
+
+class Method(SDKMethod):
+    reinforcement: Optional[ReinforcementMethod] = None
+
+
 class FineTuningJob(SDKFineTuningJob):
     """OpenAI's job object, ``paused`` among its statuses: what POST /fine_tuning/jobs/{id}/pause answers on
     OpenAI (its own example in openapi.yaml), though that file's status enum and openai 3.54's Literal stop at
     ``cancelled``. (The SDK parses answers without validating them, so its clients read ``"paused"`` as is.)"""
     status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
+    method: Optional[Method] = None
 
 
 # ----------------------------------------------------------------------------- lists (cursor pages)
@@ -158,7 +172,7 @@ class JobCreateRequest(BaseModel):
     validation_file: str | None = None
     suffix: str | None = None
     seed: int | None = None
-    method: dict[str, Any] | None = None  # {"type": "supervised" | "dpo", "<type>": {"hyperparameters": {...}}}
+    method: dict[str, Any] | None = None  # {"type": "supervised" | "dpo" | "reinforcement", "<type>": {...}}
     hyperparameters: dict[str, Any] | None = None  # the deprecated spelling of method's hyperparameters
     integrations: list[dict[str, Any]] | None = None  # [{"type": "wandb", "wandb": {"project": ...}}]
     metadata: dict[str, str] | None = None

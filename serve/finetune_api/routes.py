@@ -31,7 +31,7 @@ from .errors import APIError
 from .models import (CheckpointList, ErrorResponse, EventList, FileDeleted, FileList, FileObject, FineTuningJob,
                      GraderRunResponse, GraderValidateResponse, Health, JobCreateRequest, JobList, Model, ModelList)
 from .proxy import Models, Proxy, Upstream
-from .service import PURPOSES, Service
+from .service import PURPOSES, Service, check_python_graders
 from .store import Store
 from .worker import Worker
 
@@ -193,8 +193,11 @@ async def run_grader(request: Request):
         graders.validate(grader)
     except graders.GraderInvalid as exc:
         raise _grader_error(exc) from None
+    cfg = request.app.state.service.cfg
+    check_python_graders(cfg, grader, "grader")  # python_graders: off, or not isolated enough here
     client = getattr(request.app.state, "grader_client", None)  # None: serve.client's backend, on first use
-    result = await run_in_threadpool(graders.grade, grader, sample, item, client=client)
+    result = await run_in_threadpool(graders.grade, grader, sample, item, client=client,
+                                     allow_unisolated=cfg.python_graders == "on")
     return result.to_response()
 
 
@@ -208,6 +211,7 @@ async def validate_grader(request: Request):
         graders.validate(grader)
     except graders.GraderInvalid as exc:
         raise _grader_error(exc) from None
+    check_python_graders(request.app.state.service.cfg, grader, "grader")
     return {"grader": grader}
 
 

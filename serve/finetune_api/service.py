@@ -3,9 +3,17 @@
 Each mistake in a request is an ``APIError`` with OpenAI's status, message, ``param`` and ``code``
 (``model_not_available``, ``invalid_file``, ``fine_tune_not_found``, ``invalid_state``, ``file_too_large``,
 and the field checks of ``checks.py``); the app sends it in OpenAI's error envelope. A job names an
-OpenAI model (``gpt-4o-mini-2024-07-18``) or the local base; ``config.profile_for`` picks the train/sft.py
-profile a supervised job trains with (a DPO job's is ``dpo_config``, train/dpo.py's), and the job shows the
-name it was asked for (an alias as the snapshot OpenAI resolves it to). It may also name an ``ft:`` model
+OpenAI model (``gpt-4o-mini-2024-07-18``, ``o4-mini-2025-04-16``) or the local base; ``config.profile_for`` picks
+the train/sft.py profile a supervised job trains with (a DPO job's is ``dpo_config``, train/dpo.py's; a
+reinforcement job's ``rl_config``, train/grpo.py's), and the job shows the name it was asked for (an alias as
+the snapshot OpenAI resolves it to). Any of the names trains with any method here: OpenAI limits RFT to its
+reasoning models and SFT/DPO to the others, but locally they all mean the one base model.
+
+Python graders (a reinforcement job's grader, or one inside its multi grader; the graders API's too) run in
+``serve/graders/sandbox.py``'s sandbox, and only where ``python_graders`` allows: ``auto`` when the server
+listens on loopback and the OS grants every isolation layer, ``on`` always (then the training process gets
+``TUNEKIT_PYTHON_GRADERS=on``), ``off`` never; a refusal is a 400 ``unsupported_value`` naming the grader's
+``type`` and the fix (``python_graders_refusal``). It may also name an ``ft:`` model
 this server made (a succeeded job's ``fine_tuned_model`` or one of its checkpoints), for either method, as
 OpenAI allows DPO on a supervised fine-tune: the job trains on from that adapter (``init_adapter``) with
 its base's profile, and its own model is named after the base snapshot.
@@ -30,8 +38,10 @@ import time
 from pathlib import Path
 
 from . import checks
+from tunekit.net import is_loopback
+
 from .config import (ALIASES, FinetuneAPIConfig, base_model_of, base_names, default_profile, dpo_refusal,
-                     profile_for)
+                     profile_for, rl_refusal)
 from .errors import APIError
 from .hyperparameters import job_fields
 from .models import FineTuningJob
@@ -60,6 +70,34 @@ def listing(data: list[dict], has_more: bool, ids: bool = False, empty_id: str |
     return out
 
 
+def python_graders_refusal(cfg: FinetuneAPIConfig) -> str | None:
+    """Why this server does not run python graders (None: it does; see the module doc)."""
+    if cfg.python_graders == "off":
+        return "python graders are off on this server (python_graders: off in its config)"
+    if cfg.python_graders == "on":
+        return None
+    if not is_loopback(cfg.host):
+        return (f"this server listens on {cfg.host}, beyond loopback, where python graders run only when its config "
+                "says so: set python_graders: on (each runs in a sandbox: no network, no files outside its folder)")
+    from serve.graders.sandbox import isolation
+
+    iso = isolation()
+    if not iso.complete:
+        return (f"the python grader sandbox here is {iso.describe()}; set python_graders: on in the server's config "
+                "to run python graders with the layers that remain")
+    return None
+
+
+def check_python_graders(cfg: FinetuneAPIConfig, grader, param: str) -> None:
+    """A 400 (``unsupported_value``, naming the python grader's ``type``) when ``grader`` has a python grader this
+    server does not run."""
+    from serve.graders import python_graders
+
+    where = python_graders(grader, param)
+    if where and (why := python_graders_refusal(cfg)):
+        raise APIError(400, f"Unsupported value: '{where[0]}' is 'python' and {why}.", where[0], "unsupported_value")
+
+
 def check_limit(limit: int, top: int) -> int:
     if not 1 <= limit <= top:
         raise APIError(400, f"limit must be between 1 and {top}", param="limit")
@@ -76,6 +114,9 @@ class Service:
         self.limit_bytes = int(cfg.max_file_mb * 2**20)
         if why := dpo_refusal(cfg):
             log.warning("DPO jobs will be refused: %s (set dpo_config to a train/dpo.py profile of %s)", why,
+                        self.base_path)
+        if why := rl_refusal(cfg):
+            log.warning("reinforcement jobs will be refused: %s (set rl_config to a train/grpo.py profile of %s)", why,
                         self.base_path)
 
     # ----------------------------------------------------------------------------- files
@@ -199,7 +240,14 @@ class Service:
                 "init_adapter": str(folder)}
 
     def _profile(self, kind: str, model: dict) -> str:
-        """The profile a job of method ``kind`` trains with: its model's, or ``dpo_config`` for DPO."""
+        """The profile a job of method ``kind`` trains with: its model's, ``dpo_config`` for DPO, ``rl_config`` for
+        reinforcement."""
+        if kind == "reinforcement":
+            if why := rl_refusal(self.cfg):
+                raise APIError(400, "Unsupported value: 'method.type' 'reinforcement' needs a train/grpo.py profile of "
+                               f"the base model on this server, and {why}; the server's rl_config key names one (such "
+                               "as configs/banking77/grpo_cpu.yaml).", "method.type", "unsupported_value")
+            return str(self.cfg.rl_config)
         if kind != "dpo":
             return model["profile"]
         why = dpo_refusal(self.cfg)
@@ -228,6 +276,8 @@ class Service:
         method = checks.method(body)
         kind = method["type"]
         profile = self._profile(kind, model)
+        if kind == "reinforcement":
+            check_python_graders(self.cfg, method[kind]["grader"], "method.reinforcement.grader")
         seed = checks.seed(body.get("seed"))
         if seed is None:
             seed = secrets.randbelow(2**31)
@@ -239,7 +289,7 @@ class Service:
                "validation_file": valid, "training_file": train, "trained_tokens": None,
                "error": None, "user_provided_suffix": suffix, "seed": seed, "estimated_finish": None,
                "integrations": integrations, "metadata": metadata,
-               **job_fields(kind, method[kind]["hyperparameters"])}
+               **job_fields(method, method[kind]["hyperparameters"])}
         FineTuningJob.model_validate(job)  # never store a job that its routes could not serve
         self.store.add_job(job, {"attempts": 0, "profile": profile, "base_model": model["base"],
                                  "init_adapter": model["init_adapter"]})

@@ -13,6 +13,14 @@ sees it as cuda:0); on the CPU its environment is the server's, as it always was
 jobs share them, the least busy device first. ``queue_order``: ``fifo`` (the order jobs were created) or
 ``shortest_first`` (the fewest training steps left first, ties in creation order; a long job waits as long
 as shorter ones keep coming). Validation is not a slot's: the worker validates one job at a time, always.
+
+``gpus_per_job`` N above 1: each slot is N of those GPUs (``0,1``, ``2,3``, ...; a job trains on them as N
+processes, data parallel); GPUs left over are named in the log. On the CPU slot, N processes share the CPU.
+
+``executor: ray``: ``devices`` does not apply: there is one slot device, ``ray``, and Ray places each job on
+a node with its resources (``gpus_per_job``, ``cpus_per_job``, ``accelerator_type``). ``max_running`` caps
+the jobs submitted to the cluster at once (unset: as many as its live nodes hold at start-up, at least 1);
+the rest wait here, in ``queue_order``, rather than in Ray's own queue (where a job pending 15 minutes fails).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from .store import new_id
 
 log = logging.getLogger(__name__.rsplit(".", 1)[0] + ".worker")  # the worker's logger: one log for the queue
 CPU = "cpu"
+RAY = "ray"  # the one slot device of executor ray
 ORDERS = ("fifo", "shortest_first")
 
 
@@ -63,7 +72,7 @@ def visible_gpus(env=None, found: list[str] | None = None) -> list[str]:
 
 def vllm_gpus(cfg, gpus: list[str]) -> list[str]:
     """The GPUs of ``gpus`` the vLLM server that the API starts itself uses ([] when it starts none, or on the CPU)."""
-    if not cfg.start_vllm or cfg.vllm_url or not gpus:
+    if not cfg.start_vllm or cfg.vllm_url or getattr(cfg, "vllm_urls", None) or not gpus:
         return []
     server = {}
     if cfg.serve_config and Path(cfg.serve_config).is_file():
@@ -98,9 +107,25 @@ def resolve_devices(cfg, gpus: list[str] | None = None) -> list[str]:
     return devices
 
 
-def running_limit(cfg, devices: list[str]) -> int:
+def job_devices(cfg, devices: list[str]) -> list[str]:
+    """The slots' devices with ``gpus_per_job`` N: groups of N GPUs (CUDA_VISIBLE_DEVICES values "0,1", ...)."""
+    n = cfg.gpus_per_job
+    if n <= 1 or devices == [CPU]:
+        return devices
+    if len(devices) < n:
+        raise UserError(f"gpus_per_job: {n}, but jobs may train on {len(devices)} GPU{'s' if len(devices) > 1 else ''} "
+                        f"here ({', '.join(devices)}); lower gpus_per_job or list more devices")
+    groups = [",".join(devices[i:i + n]) for i in range(0, len(devices) - n + 1, n)]
+    if len(groups) * n < len(devices):
+        log.warning("devices: GPU %s left unused (gpus_per_job %d takes them %d at a time)",
+                    ", ".join(devices[len(groups) * n:]), n, n)
+    return groups
+
+
+def running_limit(cfg, devices: list[str], capacity: int | None = None) -> int:
+    """``max_running``, or unset: one job per device (``capacity``: the jobs a Ray cluster holds, at least 1)."""
     if cfg.max_running is None:
-        return len(devices)
+        return len(devices) if devices != [RAY] else max(1, capacity or 0)
     if isinstance(cfg.max_running, bool) or not isinstance(cfg.max_running, int) or cfg.max_running < 1:
         raise UserError(f"max_running: {cfg.max_running!r}; it must be 1 or more (unset: one job per device)")
     return cfg.max_running
@@ -122,8 +147,8 @@ def next_job(queued: list[dict], order: str, steps) -> dict | None:
 class Slots:
     """The jobs training now and their devices (changed under the store's lock)."""
 
-    def __init__(self, devices: list[str], limit: int):
-        self.devices, self.limit = list(devices), limit
+    def __init__(self, devices: list[str], limit: int, where: str | None = None):
+        self.devices, self.limit, self.where = list(devices), limit, where
         self.jobs: dict[str, str] = {}  # job id -> device
         self.token = new_id("worker-")  # whose claim: an earlier server's (a requeued job's) is not this one's
 
@@ -159,5 +184,6 @@ class Slots:
         self.jobs.pop(job_id, None)
 
     def describe(self) -> str:
-        where = "the CPU" if self.devices == [CPU] else "GPU " + ", ".join(self.devices)
+        where = self.where or ("the CPU" if self.devices == [CPU] else "GPU " + ", ".join(self.devices)
+                               if all("," not in d for d in self.devices) else "GPUs " + "; ".join(self.devices))
         return f"up to {self.limit} job{'s' if self.limit > 1 else ''} at once on {where}"

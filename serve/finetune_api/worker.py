@@ -7,7 +7,8 @@ with Snapshot ID: ...", "New fine-tuned model created: ft:...", "The job has suc
 Validation is data_prep's by the job's method, failures worded as OpenAI's (validation.py); then the
 hyperparameters are resolved (hyperparameters.py) and the job shows numbers. Training is ``accelerate
 launch train/<sft|dpo>.py --config <job.yaml>`` (``tunekit.cli.accelerate_command`` picks the script from
-the YAML's ``method: dpo``) in its own process group:
+the YAML's ``method: dpo``) by the ``executor`` (executors.py: a process group here, or a Ray job), as
+``gpus_per_job`` processes (data parallel above 1):
 
 - supervised: the job's profile (``models:``) + ``sft_overrides`` + the job's settings;
 - dpo: ``dpo_config`` (a train/dpo.py profile) + ``sft_overrides`` (less the SFT-only keys, SFT_ONLY) + the
@@ -19,7 +20,8 @@ the YAML's ``method: dpo``) in its own process group:
 Its metrics.jsonl becomes ``metrics`` events (and ``estimated_finish``), its checkpoint-N folders
 checkpoints, its summary.json ``trained_tokens``. A job that was running when the server stopped is started
 again (the script resumes from its last complete checkpoint), or failed with the reason after
-``max_attempts`` starts.
+``max_attempts`` starts; a Ray job is followed again instead (by its submission id), and one whose node is
+lost is submitted again at once (up to ``max_attempts`` starts), resuming from its last complete checkpoint.
 
 Pause (``service.pause_job`` marks a running job ``paused``): the worker creates ``<run_dir>/pause_requested``;
 the training script saves a checkpoint at the end of its current step, writes ``<run_dir>/paused.json``
@@ -39,8 +41,8 @@ start names its device), a failed job at WARNING, a training process that exits 
 with the last lines of its log (``<data_dir>/runs/<job id>.log``, where its traceback is), and an
 internal error with its traceback.
 
-(About 540 lines: a job's whole life, from validation to the adapter's hand-off, reads in one place;
-the rules it applies live in validation.py, hyperparameters.py, metrics.py and slots.py.)
+(A job's whole life, from validation to the adapter's hand-off, reads in one place; the rules it applies
+live in validation.py, hyperparameters.py, metrics.py and slots.py, the processes in executors.py.)
 """
 
 from __future__ import annotations
@@ -50,16 +52,13 @@ import json
 import logging
 import os
 import re
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import yaml
 
 from tunekit.cli import accelerate_command
-from tunekit.processes import stop_group
 from tunekit.errors import UserError
 
 from . import hyperparameters
@@ -67,44 +66,23 @@ from .config import dpo_profile, profile_for
 from .integrations import wandb_settings
 from .metrics import (last_checkpoint, metrics_data, metrics_message, model_name, results_csv, step_metrics,
                       trained_tokens)
-from .slots import CPU, Slots, check_order, resolve_devices, running_limit
+from . import executors
+from .executors import DDP_CONFIG, alive, job_env, make_executor, spread_batch  # noqa: F401 (alive: re-exported)
+from .slots import CPU, RAY, Slots, check_order, job_devices, resolve_devices, running_limit
 from .store import Store, new_id
 from .validation import file_error
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout: train/sft.py and its imports
 log = logging.getLogger(__name__)
 TERMINAL = ("succeeded", "failed", "cancelled")
 # train/sft.py keys a DPO run has no use for: left out of sft_overrides for DPO jobs (train/dpo.py refuses
 # unknown keys)
 SFT_ONLY = ("assistant_only_loss", "completion_only_loss", "shared_prefix", "train_sampling_strategy", "packing",
             "packing_strategy", "padding_free", "dataset_text_field")
-PAUSE_REQUEST, PAUSED = "pause_requested", "paused.json"  # the pause files in a job's run folder
-
-
-def alive(pid: int | None) -> bool:
-    """A live process (a zombie child of ours is not alive)."""
-    if not pid:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def kill_group(pgid: int | None, grace: float = 5.0) -> None:
-    """SIGTERM the training process group, SIGKILL what is left after ``grace`` seconds."""
-    if pgid:
-        stop_group(pgid, grace)
-
-
-def ours(pid: int, run_dir: str) -> bool:
-    """Is ``pid`` still the training process this job started (and not a reused pid)?"""
-    try:
-        return run_dir in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") or \
-            any(run_dir in p.read_bytes().decode(errors="replace")
-                for p in [Path(f"/proc/{pid}/environ")] if p.exists())
-    except OSError:
-        return False
+# and the ones a reinforcement run (train/grpo.py, TRL's GRPOConfig) has no use for: it cuts no prompt and bounds
+# each completion with max_completion_length
+NOT_RL = (*SFT_ONLY, "max_length")
+SKIPPED = {"dpo": SFT_ONLY, "reinforcement": NOT_RL}  # method -> sft_overrides keys its script refuses
+PAUSE_REQUEST, PAUSED = executors.PAUSE_REQUEST, executors.PAUSED  # the pause files in a job's run folder
 
 
 def started(attempts: int, resumed: bool, ckpt: Path | None) -> str:
@@ -120,10 +98,16 @@ class Worker:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, name="finetune-worker", daemon=True)
         check_order(cfg.queue_order)  # a config mistake is a UserError at start-up, as the others are
-        devices = resolve_devices(cfg)
-        self.slots = Slots(devices, running_limit(cfg, devices))
+        # where jobs train: a Ray cluster that does not answer is a UserError here, at start-up
+        self.executor = make_executor(cfg)
+        if self.executor.kind == "ray":
+            self.slots = Slots([RAY], running_limit(cfg, [RAY], self.executor.capacity()), self.executor.describe())
+        else:
+            devices = job_devices(cfg, resolve_devices(cfg))
+            self.slots = Slots(devices, running_limit(cfg, devices))
+        self.processes = max(1, cfg.gpus_per_job)  # training processes per job
         self.runners: dict[str, threading.Thread] = {}  # job id -> the thread that trains it
-        self.procs: dict[str, subprocess.Popen] = {}  # job id -> its training process
+        self.procs: dict = {}  # job id -> its training's handle (executors.py)
         self.steps_left: dict[str, int] = {}  # shortest_first's key, per queued job
         self.finish_lock = threading.Lock()  # one registry write at a time
 
@@ -153,6 +137,13 @@ class Worker:
                                                                                         "resumed)"))
         for job in self.store.jobs_with_status("running"):
             priv = self.store.get_private(job["id"])
+            if (handle := self.executor.attach(priv)) is not None:  # a Ray job the cluster knows: follow it again
+                self.store.add_event(job["id"], "The server restarted while this job was running; it follows its "
+                                     f"{handle.where} again")
+                with self.store.lock:
+                    self.slots.take(job["id"], priv.get("device") or RAY)
+                self.launch(job, priv.get("device") or RAY, handle)
+                continue
             self.kill_left(job["id"])
             attempts = priv.get("attempts", 1)
             log.warning("job %s was running on %s when the server stopped (attempt %s of %s)", job["id"],
@@ -167,13 +158,9 @@ class Worker:
                                      + (f"and resumes from {ckpt.name}" if ckpt else "and starts over"))
 
     def kill_left(self, job_id: str) -> bool:
-        """Kill the training process a stopped server left running for this job (if that pid is still it)."""
-        priv = self.store.get_private(job_id)
-        pid = priv.get("pid")
-        if pid and alive(pid) and ours(pid, priv.get("run_dir", "")):
-            kill_group(pid)
-            return True
-        return False
+        """Stop the training a stopped server left running for this job (its process, if that pid is still it;
+        its Ray job)."""
+        return self.executor.kill_left(self.store.get_private(job_id))
 
     def loop(self) -> None:
         while not self.stop.is_set():
@@ -193,25 +180,25 @@ class Worker:
                     self.fail(job["id"], "server_error", f"internal error: {type(e).__name__}: {e}")
             self.stop.wait(0.3)
 
-    def launch(self, job: dict, device: str) -> None:
-        runner = threading.Thread(target=self.train, args=(job, device), name=f"finetune-job-{device}", daemon=True)
+    def launch(self, job: dict, device: str, handle=None) -> None:
+        runner = threading.Thread(target=self.train, args=(job, device, handle), name=f"finetune-job-{device}",
+                                  daemon=True)
         with self.store.lock:
             self.runners[job["id"]] = runner
         runner.start()
 
-    def train(self, job: dict, device: str) -> None:
+    def train(self, job: dict, device: str, handle=None) -> None:
         """A slot's thread: ``run`` the job; an internal error fails it (its process stopped), as in ``loop``."""
         try:
-            self.run(job, device)
+            self.run(job, device, handle)
         except Exception as e:
             log.exception("internal error in the job worker (job %s)", job["id"])
             if self.store.get_job(job["id"])["status"] not in TERMINAL:
                 self.fail(job["id"], "server_error", f"internal error: {type(e).__name__}: {e}")
         finally:
-            proc = self.procs.pop(job["id"], None)
-            if proc and proc.poll() is None:  # left by an error: it must not train on unwatched
-                kill_group(proc.pid)
-                proc.wait()
+            handle = self.procs.pop(job["id"], None)
+            if handle and handle.poll() is None:  # left by an error: it must not train on unwatched
+                handle.stop()
             with self.store.lock:
                 self.slots.release(job["id"])
                 self.runners.pop(job["id"], None)
@@ -256,7 +243,7 @@ class Worker:
             if not file_id:
                 continue
             found = self.store.get_file(file_id)
-            counts[param], error = file_error(param, file_id, found[1] if found else None, kind)
+            counts[param], error = file_error(param, file_id, found[1] if found else None, job["method"])
             if error:
                 with self.store.lock:  # unless paused or cancelled meanwhile
                     if self.store.get_job(job["id"])["status"] == "validating_files":
@@ -267,10 +254,10 @@ class Worker:
         with self.store.lock:
             if self.store.get_job(job["id"])["status"] != "validating_files":  # cancelled or paused meanwhile
                 return
-            self.store.update_job(job["id"], status="queued", **hyperparameters.job_fields(kind, hp),
+            self.store.update_job(job["id"], status="queued", **hyperparameters.job_fields(job["method"], hp),
                                   private={"train_examples": counts["training_file"]})
         log.info("job %s: files validated (%d training examples, %s, %s); queued", job["id"], counts["training_file"],
-                 kind, ", ".join(f"{k} {v:g}" for k, v in hp.items()))
+                 kind, ", ".join(f"{k} {v}" for k, v in hp.items()))
         self.store.add_event(job["id"], "Files validated, moving job to queued state")
 
     def base(self, job: dict) -> str:
@@ -286,26 +273,35 @@ class Worker:
         profile = priv.get("profile") or self.default_profile(job)
         config = read_yaml(profile)
         overrides = self.cfg.sft_overrides or {}
-        config.update({k: v for k, v in overrides.items() if kind != "dpo" or k not in SFT_ONLY})
+        config.update({k: v for k, v in overrides.items() if k not in SKIPPED.get(kind, ())})
         n = priv.get("train_examples") or 1
-        hp = hyperparameters.resolve(job["method"][kind]["hyperparameters"], n, self.base(job), kind)
+        valid = self.store.get_file(job["validation_file"]) if kind == "reinforcement" and job["validation_file"] \
+            else None  # eval_samples' "auto": the validation examples (data_prep counted them at validation)
+        n_valid = sum(1 for line in Path(valid[1]).open("rb") if line.strip()) if valid and Path(valid[1]).is_file() \
+            else None
+        hp = hyperparameters.resolve(job["method"][kind]["hyperparameters"], n, self.base(job), kind, config, n_valid)
         return profile, config, hp, hyperparameters.plan(config, hp, n, self.base(job), self.cfg.max_steps)
 
     def default_profile(self, job: dict) -> str:
         """The profile of a job stored without one (the service records it at creation)."""
         if job["method"]["type"] == "dpo":
             return dpo_profile(self.cfg) or self.cfg.dpo_config
+        if job["method"]["type"] == "reinforcement":
+            return self.cfg.rl_config
         return profile_for(self.cfg, job["model"]) or self.cfg.sft_config
 
     def job_config(self, job: dict, run_dir: Path) -> tuple[Path, dict]:
         """The training config of this job: its profile, the server's overrides, the job's hyperparameters (see
         hyperparameters.py for what each means locally), its seed and its wandb integration; for DPO also
-        ``method: dpo`` and ``beta``, on an ft: model ``init_adapter``."""
+        ``method: dpo`` and ``beta``, for reinforcement ``method: reinforcement``, the job's ``grader``,
+        ``num_generations`` and the evaluation's settings, on an ft: model ``init_adapter``."""
         profile, config, hp, plan = self.plan(job)
         steps = plan["max_steps"]
         wandb_keys, env, events = wandb_settings(job, run_dir)
         if job["method"]["type"] == "dpo":
             config.update(method="dpo", beta=plan["beta"])
+        if job["method"]["type"] == "reinforcement":
+            events += self.reinforcement_config(job, config, plan, hp, env)
         if init := self.store.get_private(job["id"]).get("init_adapter"):
             config["init_adapter"] = init
         config.update(train_file=self.store.get_file(job["training_file"])[1],
@@ -327,102 +323,118 @@ class Worker:
         return path, {"total_steps": steps, "hyperparameters": hp, "env": env,
                       "events": [("info", plan_line), *events]}
 
-    def run(self, job: dict, device: str | None = None) -> None:
+    def reinforcement_config(self, job: dict, config: dict, plan: dict, hp: dict, env: dict) -> list[tuple[str, str]]:
+        """A reinforcement job's train/grpo.py keys (into ``config``) and sandbox setting (into ``env``); the events
+        that say what of the request has no local meaning."""
+        rl = job["method"]["reinforcement"]
+        config.update(method="reinforcement", grader=rl["grader"], num_generations=plan["num_generations"],
+                      per_device_eval_batch_size=plan["per_device_eval_batch_size"], logging_steps=1,  # OpenAI's: per step
+                      **{k: plan[k] for k in ("eval_steps", "max_eval_examples") if k in plan})
+        env["TUNEKIT_PYTHON_GRADERS"] = "on" if self.cfg.python_graders == "on" else ""
+        events = []
+        if hp.get("reasoning_effort", "default") != "default":
+            events.append(("info", f"reasoning_effort {hp['reasoning_effort']!r} is recorded; it has no effect here: "
+                                   f"{Path(str(config.get('model_name_or_path', ''))).name} does not reason before it "
+                                   "answers"))
+        if rl.get("response_format"):
+            events.append(("warn", "response_format is recorded and not enforced: the completions are sampled freely "
+                                   "(the grader's sample.output_json reads those that are JSON); ask for the format "
+                                   "in the prompt, or train it first with a supervised job"))
+        return events
+
+    def run(self, job: dict, device: str | None = None, handle=None) -> None:
         """Train a queued job on ``device`` (a GPU's CUDA_VISIBLE_DEVICES value; None or "cpu": the server's
-        environment) until it ends, is cancelled or paused, or the worker stops."""
+        environment; "ray": Ray's pick) until it ends, is cancelled or paused, or the worker stops; ``handle``:
+        a running job's training followed again after a restart. A job whose machine is lost (a Ray node) is
+        started again at once, up to ``max_attempts`` starts, from its last complete checkpoint."""
         job_id = job["id"]
         run_dir = (self.data_dir / "runs" / job_id).resolve()
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        for name in (PAUSE_REQUEST, PAUSED):  # a resumed job's: this start trains on
-            (run_dir / name).unlink(missing_ok=True)
-        config, info = self.job_config(job, run_dir)
-        priv = self.store.get_private(job_id)
-        attempts = priv.get("attempts", 0) + 1
         device = device or CPU
-        proc = self.procs[job_id] = self.start_process(job_id, run_dir, config, info["env"], device)
+        if handle is None:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            for name in (PAUSE_REQUEST, PAUSED):  # a resumed job's: this start trains on
+                (run_dir / name).unlink(missing_ok=True)
+            handle = self.begin(job, run_dir, device, "queued")
+        while handle is not None and (lost := self.follow(job, handle, run_dir)):
+            attempts, ckpt = self.store.get_private(job_id).get("attempts", 1), last_checkpoint(run_dir)
+            if attempts >= self.cfg.max_attempts:
+                return self.fail(job_id, "node_lost", f"{handle.where}: {lost}, {attempts} times; create the job "
+                                 "again" + (f" (its last checkpoint: {ckpt.name})" if ckpt else ""))
+            message = (f"{handle.where}: {lost}; submitted again (attempt {attempts + 1} of {self.cfg.max_attempts}), "
+                       + (f"resuming from {ckpt.name}" if ckpt else "starting over"))
+            log.warning("job %s: %s", job_id, message)
+            self.store.add_event(job_id, message, level="warn")
+            handle = self.begin(job, run_dir, device, "running")
+
+    def begin(self, job: dict, run_dir: Path, device: str, expect: str):
+        """Start the job's training (its status ``expect``: queued, or running for a start after a lost
+        machine); None when a cancel or pause came meanwhile (then nothing trains)."""
+        job_id = job["id"]
+        config, info = self.job_config(job, run_dir)
+        if note := spread_batch(config, info["hyperparameters"]["batch_size"], self.processes):
+            info["events"].append(("info", note))
+        priv = self.store.get_private(job_id)
+        attempts, submission = priv.get("attempts", 0) + 1, priv.get("submissions", 0) + 1
+        handle = self.procs[job_id] = self.start_process(job_id, run_dir, config, info["env"], device, submission)
         kind = job["method"]["type"]
         with self.store.lock:  # a cancel (or a pause) that came while the process started wins
-            stopped = self.store.get_job(job_id)["status"] != "queued"
+            stopped = self.store.get_job(job_id)["status"] != expect
             if not stopped:
                 self.store.update_job(job_id, status="running", estimated_finish=None,
-                                      **hyperparameters.job_fields(kind, info["hyperparameters"]),
-                                      private={"pid": proc.pid, "run_dir": str(run_dir), "attempts": attempts,
-                                               "device": device, "total_steps": info["total_steps"],
-                                               "announced": True, "resumed": False})
+                                      **hyperparameters.job_fields(job["method"], info["hyperparameters"]),
+                                      private={**handle.ref, "run_dir": str(run_dir), "attempts": attempts,
+                                               "submissions": submission, "device": device,
+                                               "total_steps": info["total_steps"], "announced": True,
+                                               "resumed": False})
         if stopped:  # stopped outside the lock: the other jobs and the requests need not wait for it
-            kill_group(proc.pid)
-            proc.wait()
+            handle.stop()
             self.procs.pop(job_id, None)
-            return
-        log.info("job %s: training started on %s (pid %d, %s, %d steps, attempt %d, log %s)", job_id,
-                 "the CPU" if device == CPU else f"GPU {device}", proc.pid, kind, info["total_steps"], attempts,
-                 run_dir.parent / f"{job_id}.log")
+            return None
+        log.info("job %s: training started on %s (%s, %s, %d steps, attempt %d, log %s)", job_id, "the CPU" if device
+                 == CPU else "the Ray cluster" if device == RAY else f"GPU {device}", handle.where, kind,
+                 info["total_steps"], attempts, run_dir.parent / f"{job_id}.log")
         self.store.add_event(job_id, started(attempts, priv.get("resumed"), last_checkpoint(run_dir)))
         for level, message in [] if priv.get("announced") else info["events"]:
             self.store.add_event(job_id, message, level=level)
-        rc, pause = self.watch(job_id, proc, run_dir, info["total_steps"])
+        return handle
+
+    def follow(self, job: dict, handle, run_dir: Path) -> str | None:
+        """Watch the job's training to its end and act on it (succeed, fail, pause); returns why it must start
+        again (its machine was lost) or None."""
+        job_id = job["id"]
+        rc, pause = self.watch(job_id, handle, run_dir, self.store.get_private(job_id).get("total_steps") or 1)
         self.procs.pop(job_id, None)
         if rc is None or self.store.get_job(job_id)["status"] == "cancelled":
-            return
-        if pause and (pause["killed"] or (run_dir / PAUSED).exists()):
-            return self.paused(job_id, run_dir, pause)
+            return None
+        if pause and (pause["killed"] or (run_dir / PAUSED).exists() or handle.lost):
+            return self.paused(job_id, run_dir, {**pause, "killed": pause["killed"] or bool(handle.lost)})
+        if handle.lost:
+            return handle.lost
         if rc != 0:
-            return self.failed(job_id, run_dir, rc)
+            return self.failed(job_id, run_dir, rc, handle)
         if pause:
             (run_dir / PAUSE_REQUEST).unlink(missing_ok=True)
             self.store.add_event(job_id, "The training finished before it could pause")
         self.succeed(job, run_dir)
+        return None
 
-    def start_process(self, job_id: str, run_dir: Path, config: Path, extra_env: dict, device: str):
-        """``accelerate launch`` of the job's config in a process group of its own, its output in the job's log."""
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
-               "TUNEKIT_RUN_DIR": str(run_dir)}
-        if Path(str(yaml.safe_load(config.read_text()).get("model_name_or_path", ""))).exists():
-            env.setdefault("HF_HUB_OFFLINE", "1")  # a local base never needs the hub; a hub id downloads
-        env.pop(self.cfg.api_key_env, None)
-        env.update(extra_env)
-        if self.cfg.omp_num_threads:
-            env["OMP_NUM_THREADS"] = str(self.cfg.omp_num_threads)
-        if device != CPU:
-            env["CUDA_VISIBLE_DEVICES"] = device  # this GPU only, as cuda:0
-        with open(run_dir.parent / f"{job_id}.log", "ab") as log_file:
-            return subprocess.Popen(accelerate_command(config), cwd=ROOT, env=env, stdout=log_file, stderr=log_file,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+    def start_process(self, job_id: str, run_dir: Path, config: Path, extra_env: dict, device: str,
+                      submission: int = 1):
+        """``accelerate launch`` of the job's config (``processes`` of them: data parallel), by the executor."""
+        command = accelerate_command(config, accelerate_config=str(DDP_CONFIG), num_processes=self.processes) \
+            if self.processes > 1 else accelerate_command(config)
+        return self.executor.start(job_id, run_dir, command, job_env(self.cfg, run_dir, config, extra_env), device,
+                                   submission)
 
-    def watch(self, job_id: str, proc: subprocess.Popen, run_dir: Path, total: int) -> tuple[int | None, dict | None]:
-        """Follow the training process to its end, turning its output into events and checkpoints: (its exit
-        status, the pause asked of it or None). Status None: stopped here (cancelled, or the worker stops)."""
-        seen, pause = {"lines": 0}, None
-        while True:
-            rc = proc.poll()
-            self.collect(job_id, run_dir, total, seen)
-            if rc is not None:
-                return rc, pause
-            status = self.store.get_job(job_id)["status"]
-            if status == "cancelled" or self.stop.is_set():
-                kill_group(proc.pid)
-                proc.wait()
-                if status == "cancelled":
-                    log.info("job %s: cancelled; training process stopped", job_id)
-                    self.store.add_event(job_id, "Training process stopped")
-                return None, pause  # on shutdown a running job stays running; recover() requeues it at the next start
-            if status != "running" and pause is None:  # paused (and maybe resumed since): stop at a checkpoint
-                pause = self.request_pause(job_id, run_dir)
-            if pause and time.monotonic() > pause["deadline"]:
-                log.warning("job %s: its training did not stop within pause_timeout_s (%g s) of the pause; killing "
-                            "it (it pauses at its last complete checkpoint)", job_id, self.cfg.pause_timeout_s)
-                kill_group(proc.pid)
-                proc.wait()
-                self.collect(job_id, run_dir, total, seen)
-                return proc.returncode, {**pause, "killed": True}
-            time.sleep(0.5)
-
-    def request_pause(self, job_id: str, run_dir: Path) -> dict:
-        """Ask the training process to stop at a new checkpoint: the file it looks for after each step."""
-        (run_dir / PAUSE_REQUEST).touch()
-        log.info("job %s: pause requested; its training stops at a checkpoint after its current step (at most %g s)",
-                 job_id, self.cfg.pause_timeout_s)
-        return {"deadline": time.monotonic() + float(self.cfg.pause_timeout_s), "killed": False}
+    def watch(self, job_id: str, handle, run_dir: Path, total: int) -> tuple[int | None, dict | None]:
+        """``executors.watch`` of the job's training, its output turned into events and checkpoints as it comes."""
+        seen = {"lines": 0}
+        rc, pause = executors.watch(job_id, handle, run_dir, lambda: self.store.get_job(job_id)["status"],
+                                    lambda: self.collect(job_id, run_dir, total, seen), self.stop,
+                                    float(self.cfg.pause_timeout_s))
+        if rc is None and self.store.get_job(job_id)["status"] == "cancelled":
+            self.store.add_event(job_id, "Training process stopped")
+        return rc, pause
 
     def paused(self, job_id: str, run_dir: Path, pause: dict) -> None:
         """The training stopped for a pause: at the step its paused.json names, or (killed) at its last complete
@@ -442,13 +454,10 @@ class Worker:
                              + ("; it starts over when resumed" if step == 0 else ""))
         log.info("job %s: paused at step %d%s", job_id, step, " (killed)" if how else "")
 
-    def failed(self, job_id: str, run_dir: Path, rc: int) -> None:
-        """A training process that exited with an error: the job fails with the reason its log gives."""
-        log_path = run_dir.parent / f"{job_id}.log"
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-20:]
-        errors = [l for l in tail if l.startswith("error:")]
-        reason = errors[-1][len("error: "):] if errors else (tail[-1] if tail else f"exit status {rc}")
-        log.error("job %s: training exited with status %s; the last lines of %s:\n%s", job_id, rc, log_path,
+    def failed(self, job_id: str, run_dir: Path, rc: int, handle) -> None:
+        """A training that exited with an error: the job fails with the reason its log (or Ray) gives."""
+        reason, tail = executors.failure(handle, rc)
+        log.error("job %s: training exited with status %s; the last lines of %s:\n%s", job_id, rc, handle.log_path,
                   "\n".join(tail) or "(empty)")
         self.fail(job_id, "training_failed", f"training exited with status {rc}: {reason}")
 
@@ -526,17 +535,27 @@ class Worker:
         except Exception as e:  # the registry is a convenience; the job has succeeded
             log.warning("job %s: could not record %s in the registry", job_id, name, exc_info=True)
             self.store.add_event(job_id, f"Could not record the model in the registry: {e}", level="warn")
-        # Load the adapter before the job reads `succeeded`, so a client that sees the status can chat at once.
-        if self.cfg.vllm_url:
+        # Load the adapter before the job reads `succeeded`, so a client that sees the status can chat at once:
+        # into every vLLM server (vllm_urls); chat loads it on demand into one that was down meanwhile.
+        urls = getattr(self.cfg, "vllm_urls", None) or ([self.cfg.vllm_url] if self.cfg.vllm_url else [])
+        if urls:
             from ..adapters import add_adapter
 
-            try:
-                add_adapter(self.cfg.vllm_url, name, run_dir, api_key=os.environ.get(self.cfg.vllm_api_key_env))
-                self.store.add_event(job_id, f"Adapter loaded into the vLLM server at {self.cfg.vllm_url} as {name}")
-                log.info("job %s: adapter loaded into vLLM at %s as %s", job_id, self.cfg.vllm_url, name)
-            except UserError as e:
-                log.warning("job %s: the adapter was not loaded into vLLM at %s: %s", job_id, self.cfg.vllm_url, e)
-                self.store.add_event(job_id, f"The adapter was not loaded into vLLM: {e}", level="warn")
+            loaded = []
+            for url in urls:
+                try:
+                    add_adapter(url, name, run_dir, api_key=os.environ.get(self.cfg.vllm_api_key_env))
+                except UserError as e:
+                    if "already been loaded" not in str(e):
+                        log.warning("job %s: the adapter was not loaded into vLLM at %s: %s", job_id, url, e)
+                        self.store.add_event(job_id, f"The adapter was not loaded into vLLM at {url}: {e}",
+                                             level="warn")
+                        continue
+                loaded.append(url)
+            if loaded:
+                where = f"server at {loaded[0]}" if len(loaded) == 1 else f"servers at {', '.join(loaded)}"
+                self.store.add_event(job_id, f"Adapter loaded into the vLLM {where} as {name}")
+                log.info("job %s: adapter loaded into vLLM at %s as %s", job_id, ", ".join(loaded), name)
         self.store.update_job(job_id, status="succeeded", fine_tuned_model=name, finished_at=int(time.time()),
                               result_files=[file_id], trained_tokens=trained_tokens(run_dir),
                               estimated_finish=None)

@@ -8,7 +8,9 @@ compare all import this.
 
 Types: ``string_check`` (eq, ne, like = contains, ilike = case-insensitive contains), ``text_similarity``
 (fuzzy_match with rapidfuzz; bleu with sacrebleu; gleu with nltk; rouge_1..5, rouge_l with rouge-score;
-``meteor`` and ``cosine`` refused, see ``refusal``), ``python`` (``sandbox.py``), ``score_model`` and
+``meteor`` and ``cosine`` refused, see ``refusal``), ``python`` (``sandbox.py``: each grade in a process of its
+own, in new user, network and PID namespaces, Landlock-confined to an empty folder, no new processes, limited
+CPU, memory and time), ``score_model`` and
 ``label_model`` (asked through an openai-style client: pass ``client=``, else ``serve.client.load_backend()``
 is used; label_model only inside multi, as OpenAI has it) and ``multi`` (``formula.py``).
 
@@ -30,7 +32,7 @@ from .sandbox import MAX_SOURCE_BYTES, run_python_grader
 from .templates import SampleParseError, TemplateError, check_variables, make_sample, render
 
 __all__ = ["GRADER_TYPES", "GradeResult", "GraderInvalid", "MAX_SOURCE_BYTES", "error_flags", "grade",
-           "make_sample", "run_grader", "validate"]
+           "make_sample", "python_graders", "run_grader", "validate"]
 
 GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "multi")
 OPERATIONS = ("eq", "ne", "like", "ilike")
@@ -206,6 +208,21 @@ def validate(grader: Any, param: str = "grader", *, inside_multi: bool = False) 
     return grader
 
 
+def python_graders(grader, param: str = "grader") -> list[str]:
+    """The ``type`` params of the python graders in ``grader`` (itself, or inside a multi grader)."""
+    if not isinstance(grader, dict):
+        return []
+    if grader.get("type") == "python":
+        return [f"{param}.type"]
+    if grader.get("type") == "multi":
+        try:
+            subs = _sub_graders(grader, param)
+        except GraderInvalid:
+            return []
+        return [p for sub, sub_param in subs.values() for p in python_graders(sub, sub_param)]
+    return []
+
+
 def _sub_graders(grader: dict, param: str) -> dict[str, tuple[dict, str]]:
     """name -> (grader, param): ``graders`` as OpenAI's map {name: grader}, or one grader / a list (by name)."""
     graders = grader.get("graders")
@@ -243,17 +260,20 @@ def _texts(content) -> list[str]:
 # ----------------------------------------------------------------------------- grading
 
 
-def grade(grader: dict, sample, item: dict | None = None, *, client=None, timeout_s: float | None = None) -> GradeResult:
+def grade(grader: dict, sample, item: dict | None = None, *, client=None, timeout_s: float | None = None,
+          allow_unisolated: bool | None = None) -> GradeResult:
     """The reward of ``sample`` (a model's text, or ``{"output_text": ...}``) for ``item`` under ``grader``.
 
     ``client``: an openai.OpenAI-like object for score_model / label_model / cosine (default: the project's
     backend, ``serve.client.load_backend()``). ``timeout_s``: the python grader's wall-clock limit.
+    ``allow_unisolated``: run python graders where the OS grants only part of the sandbox (default: the
+    environment's TUNEKIT_PYTHON_GRADERS=on; see sandbox.py).
     """
     sample = make_sample(sample)
     item = item or {}
     start = time.perf_counter()
     res = GradeResult(0.0, name=str(grader.get("name", "")), type=str(grader.get("type", "")))
-    ctx = _Context(client, timeout_s)
+    ctx = _Context(client, timeout_s, allow_unisolated)
     try:
         _grade_into(res, grader, sample, item, ctx)
     except TemplateError as exc:
@@ -276,8 +296,9 @@ def grade(grader: dict, sample, item: dict | None = None, *, client=None, timeou
 
 
 class _Context:
-    def __init__(self, client, timeout_s):
+    def __init__(self, client, timeout_s, allow_unisolated=None):
         self._client, self.timeout_s, self.usage = client, timeout_s, {}
+        self.allow_unisolated = allow_unisolated
         self._backend = None
 
     def client(self):
@@ -317,7 +338,7 @@ def _grade_into(res: GradeResult, g: dict, sample: dict, item: dict, ctx: _Conte
         a, b = render(g["input"], sample, item), render(g["reference"], sample, item)
         res.reward = similarity(g["evaluation_metric"], a, b, ctx)
     elif kind == "python":
-        out = run_python_grader(g["source"], sample, item,
+        out = run_python_grader(g["source"], sample, item, allow_unisolated=ctx.allow_unisolated,
                                 **({"timeout_s": ctx.timeout_s} if ctx.timeout_s else {}))
         if out.ok:
             res.reward = out.reward

@@ -5,12 +5,16 @@
     tunekit jobs migrate --job ftjob-abc --file data/train.jsonl --to-base-url http://gpu-box:8100/v1
 
 OpenAI takes no new fine-tuning jobs after 6 January 2027. Each job is re-created with the same base
-model name (the local API maps OpenAI's names onto its own base model), the same method (supervised or
-dpo) with the hyperparameters OpenAI resolved (n_epochs, batch_size, learning_rate_multiplier, and a DPO
-job's beta), suffix, seed and metadata, plus metadata ``migrated_from`` = the OpenAI job id. A job
-trained on top of an ``ft:`` model (DPO after a supervised fine-tune) comes after the job that made it,
-and trains on the local model that job's copy made: once that copy has succeeded (until then it is
-listed as ``waits``; run migrate again). Reinforcement jobs are listed as not migrated, with a note. Its training and validation files are downloaded from OpenAI
+model name (the local API maps OpenAI's names, o4-mini-2025-04-16 included, onto its own base model), the
+same method (supervised, dpo or reinforcement) with the hyperparameters OpenAI resolved (n_epochs, batch_size,
+learning_rate_multiplier; a DPO job's beta; a reinforcement job's compute_multiplier, eval_interval,
+eval_samples and reasoning_effort, and its grader and response_format as they are), suffix, seed and
+metadata, plus metadata ``migrated_from`` = the OpenAI job id. A reinforcement job with a python grader is
+refused by a target that does not run python graders (one listening beyond loopback without
+``python_graders: on``): the error names that key. A job trained on top of an ``ft:`` model (DPO after a
+supervised fine-tune) comes after the job that made it, and trains on the local model that job's copy made:
+once that copy has succeeded (until then it is listed as ``waits``; run migrate again). Its training and
+validation files are downloaded from OpenAI
 (into <jobs dir>/migrate/<file id>/); where OpenAI refuses the download (a 4xx: it may, for purpose
 fine-tune) the local copy named with ``--file PATH`` is used, matched by byte size and, among equal
 sizes, by filename (``--file file-abc=PATH`` names the OpenAI file outright). Uploads reuse ``create``'s
@@ -64,9 +68,11 @@ def add_flags(sp) -> None:
 # ----------------------------------------------------------------------------- the source jobs
 
 
-MIGRATED_METHODS = ("supervised", "dpo")  # the methods the local API trains
+MIGRATED_METHODS = ("supervised", "dpo", "reinforcement")  # the methods the local API trains
 KEYS = {"supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
-        "dpo": ("beta", "n_epochs", "batch_size", "learning_rate_multiplier")}
+        "dpo": ("beta", "n_epochs", "batch_size", "learning_rate_multiplier"),
+        "reinforcement": ("n_epochs", "batch_size", "learning_rate_multiplier", "compute_multiplier", "eval_interval",
+                          "eval_samples", "reasoning_effort")}
 
 
 def method_type(job) -> str:
@@ -84,6 +90,20 @@ def hyperparameters_of(job) -> dict:
         value = getattr(hp, key, None) if hp is not None else None
         if value is not None:
             out[key] = value
+    return out
+
+
+def method_object(job) -> dict:
+    """``method.<type>`` of the local job: the hyperparameters, and a reinforcement job's grader (and
+    response_format) exactly as the source sent them (the SDK's types hold one grader where a multi grader's
+    ``graders`` may be OpenAI's {name: grader} map, so they are read back as the JSON they came as)."""
+    kind = method_type(job)
+    out = {"hyperparameters": hyperparameters_of(job)}
+    section = getattr(job.method, kind, None) if job.method else None
+    if kind == "reinforcement" and section is not None:
+        raw = section.to_dict(mode="json", warnings=False)
+        out = {"grader": raw.get("grader"), **({"response_format": raw["response_format"]}
+                                               if raw.get("response_format") else {}), **out}
     return out
 
 
@@ -244,7 +264,7 @@ def job_request(job, file_ids: dict, model: str | None = None) -> dict:
     with the local model that the migrated parent job made."""
     kind = method_type(job)
     kwargs = {"model": model or job.model, "training_file": file_ids["training_file"],
-              "method": {"type": kind, kind: {"hyperparameters": hyperparameters_of(job)}},
+              "method": {"type": kind, kind: method_object(job)},
               "metadata": {**(job.metadata or {}), "migrated_from": job.id}}
     if file_ids.get("validation_file"):
         kwargs["validation_file"] = file_ids["validation_file"]
