@@ -87,6 +87,7 @@ USE_CASE_LEVERS = {
         "auto": "--max_steps auto --balance_labels off",
         "fixed60-balanced": "--max_steps 60 --balance_labels on",
         "auto-balanced": "--max_steps auto --balance_labels on",  # the profile now (balance_labels auto turns on)
+        "auto-sqrt": "--max_steps auto --balance_labels on --balance_strength 0.5",
     },
 }
 

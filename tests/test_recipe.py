@@ -89,6 +89,10 @@ def test_the_balanced_sampler_draws_every_label_alike_and_the_same_way_twice():
     shares = {k: v / len(draws) for k, v in Counter(draws).items()}
     assert len(draws) == 4000 and all(abs(s - 0.25) < 0.03 for s in shares.values()), shares
     assert list(balanced_sampler(labels, seed=3)) == list(balanced_sampler(labels, seed=3))
+    half = balanced_sampler(labels, seed=4, strength=0.5)  # square-root balancing: a label's share ~ sqrt(count)
+    sqrt = Counter(labels[i] for _ in range(100) for i in half)
+    expected = {k: c ** 0.5 / sum(n ** 0.5 for n in (28, 6, 4, 2)) for k, c in (("a", 28), ("b", 6), ("c", 4), ("d", 2))}
+    assert all(abs(sqrt[k] / 4000 - share) < 0.03 for k, share in expected.items()), (sqrt, expected)  # a: 0.47
 
 
 def test_skewed_labels_train_on_balanced_batches_and_a_time_budget_ends_the_schedule_early(

@@ -184,13 +184,14 @@ def decide_balance(mode: str, labels: list[str]) -> tuple[bool, str]:
     return False, f"balance_labels auto: {what} (at least {SKEW_ENTROPY}): the file's own mix"
 
 
-def balanced_sampler(labels: list[str], seed: int):
-    """A sampler over the examples whose draws are class-balanced: each example weighs 1 / its label's count
-    (``len(labels)`` draws, with replacement, seeded: a resumed run redraws the same order)."""
+def balanced_sampler(labels: list[str], seed: int, strength: float = 1.0):
+    """A sampler over the examples whose draws are class-balanced: each example weighs 1 / its label's count to
+    the power ``strength`` (1: every label alike; 0.5: square-root balancing, between the file's mix and alike;
+    0: the file's mix), ``len(labels)`` draws with replacement, seeded: a resumed run redraws the same order."""
     import torch
     from torch.utils.data import WeightedRandomSampler
 
     counts = Counter(labels)
-    weights = torch.tensor([1.0 / counts[x] for x in labels], dtype=torch.double)
+    weights = torch.tensor([counts[x] ** -strength for x in labels], dtype=torch.double)
     return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True,
                                  generator=torch.Generator().manual_seed(seed))

@@ -56,6 +56,9 @@ class ScriptArguments(core.ScriptArguments):
     balance_labels: str = field(default="auto", metadata={
         "help": "auto | on | off: class-balanced draws of the examples when their answers are labels; auto: only "
                 "when the labels are skewed (train/recipe.py)"})
+    balance_strength: float = field(default=1.0, metadata={
+        "help": "with balanced draws, each example weighs 1 / its label's count to this power: 1 every label alike, "
+                "0.5 square-root balancing (between the file's mix and alike)"})
     max_minutes: float | None = field(default=None, metadata={
         "help": "time budget of the training loop: after a few steps, max_steps is lowered to what fits "
                 "(train/recipe.py); max_steps: auto sizes the run from the train file instead"})
@@ -79,6 +82,9 @@ def check_config(script, training, model_args) -> list[str]:
                         f"set padding_free: false to use {model_args.attn_implementation}")
     if script.balance_labels not in recipe.BALANCE_MODES:
         problems.append(f"balance_labels: {script.balance_labels!r}; use one of {', '.join(recipe.BALANCE_MODES)}")
+    if script.balance_strength < 0:
+        problems.append(f"balance_strength: {script.balance_strength}; use 1 (every label alike), 0.5 (square-root "
+                        "balancing) or another number >= 0")
     if script.max_minutes is not None and script.max_minutes <= 0:
         problems.append(f"max_minutes: {script.max_minutes}; use a positive number of minutes, or null for no budget")
     if not training.assistant_only_loss:
@@ -132,7 +138,8 @@ def build_trainer(script, training, model_args, model, tokenizer, train_rows, va
     if getattr(script, "balance_labels", "off") != "off":
         print(why, flush=True)
     if balance:
-        sampler = recipe.balanced_sampler(list(trainer.train_dataset[BALANCE_COLUMN]), training.data_seed or training.seed)
+        sampler = recipe.balanced_sampler(list(trainer.train_dataset[BALANCE_COLUMN]), training.data_seed or training.seed,
+                                          getattr(script, "balance_strength", 1.0))
         trainer._get_train_sampler = lambda train_dataset=None: sampler
     if script.shared_prefix:
         from train.shared_prefix import enable
