@@ -23,20 +23,22 @@ def test_a_majority_answer_for_everything_is_flagged_in_metrics_report_and_conso
     from serve.compare.report import console_lines
 
     collapsed = [label("none")] * 20  # accuracy 0.70, macro-F1 0.165 over the four classes
+    off_label = [label("I cannot tell")] * 19 + [label("none")]  # one answer, but no class: the base's off-label
     cfg, exs, results, metrics = fake_run("label", {"label_field": "action"}, REFS,
-                                          {"base": ["no idea"] * 20, "finetuned": collapsed})
+                                          {"base": off_label, "finetuned": collapsed})
     write_outputs(tmp_path, cfg, exs, results, None, metrics)
 
     found = json.loads((tmp_path / "metrics.json").read_text())["collapse"]
-    assert [c["model"] for c in found] == ["finetuned"]  # the base parses no label: nothing to collapse onto
+    assert [c["model"] for c in found] == ["finetuned"]
     c = found[0]
     assert (c["answer"], c["count"], c["n"], c["share"], c["distinct_answers"]) == ("none", 20, 20, 1.0, 1)
     assert (c["reference_top"], c["reference_top_share"], c["reference_classes"]) == ("none", 0.7, 4)
-    assert c["reasons"] == ["the most common reference covers 70%", "macro-F1 0.206 against accuracy 0.700"]
+    assert c["reference_share"] == 0.7
+    assert c["reasons"] == ["it is the reference of 70%", "macro-F1 0.206 against accuracy 0.700"]
     report = (tmp_path / "report.md").read_text()
     section = report.split("## Warning: a model gives one answer to most inputs\n\n")[1].split("\n\n")[0]
-    assert section.startswith("- finetuned gives one answer ('none') to 20 of 20 inputs (100%; 1 distinct answers, "
-                              "the references have 4) while the most common reference covers 70%; macro-F1 ")
+    assert section.startswith("- finetuned gives one answer ('none') to 20 of 20 inputs (100%; 1 distinct answer, "
+                              "the references have 4) while it is the reference of 70%; macro-F1 ")
     assert "class-balanced training (train/sft.py `balance_labels: on`), more steps" in section
     assert "label distribution" in section
     warnings = [ln for ln in console_lines(cfg, metrics["models"]) if ln.startswith("warning:")]
@@ -55,8 +57,21 @@ def test_one_answer_far_above_the_references_share_is_flagged_on_the_json_task(t
     [c] = json.loads((tmp_path / "metrics.json").read_text())["collapse"]
     assert (c["count"], c["share"], c["reference_top_share"], c["distinct_answers"]) == (14, 0.7, 0.25, 4)
     assert c["answer"] == '{"category": "cards", "sub": "lost"}'
-    assert c["reasons"] == ["the most common reference covers 25%"]
+    assert c["reasons"] == ["it is the reference of 25%"]
     assert "## Warning: a model gives one answer to most inputs" in (tmp_path / "report.md").read_text()
+
+
+def test_a_rare_answer_given_to_most_inputs_is_flagged(tmp_path):
+    """Balanced draws trained too briefly can answer a rare class everywhere: 85% of the inputs get "stop",
+    the reference of 10%, though the most common reference ("none") covers 70%."""
+    from serve.compare import write_outputs
+
+    answers = [label("stop")] * 17 + [label("none")] * 3
+    cfg, exs, results, metrics = fake_run("label", {"label_field": "action"}, REFS, {"finetuned": answers})
+    write_outputs(tmp_path, cfg, exs, results, None, metrics)
+    [c] = metrics["collapse"]
+    assert (c["answer"], c["share"], c["reference_share"], c["reasons"]) == ("stop", 0.85, 0.1,
+                                                                             ["it is the reference of 10%"])
 
 
 @pytest.mark.parametrize("answers", [
@@ -88,4 +103,4 @@ def test_few_examples_are_not_judged_and_a_repeated_text_reply_is(tmp_path):
     cfg, exs, results, metrics = fake_run("text", {}, refs, {"model": ["Sure!  I can\nhelp."] * 11 + ["no"]})
     write_outputs(tmp_path, cfg, exs, results, None, metrics)
     [c] = metrics["collapse"]
-    assert (c["answer"], c["count"], c["reasons"]) == ("Sure! I can help.", 11, ["the most common reference covers 8%"])
+    assert (c["answer"], c["count"], c["reasons"]) == ("Sure! I can help.", 11, ["it is the reference of 0%"])

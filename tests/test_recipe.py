@@ -91,7 +91,8 @@ def test_the_balanced_sampler_draws_every_label_alike_and_the_same_way_twice():
     assert list(balanced_sampler(labels, seed=3)) == list(balanced_sampler(labels, seed=3))
     half = balanced_sampler(labels, seed=4, strength=0.5)  # square-root balancing: a label's share ~ sqrt(count)
     sqrt = Counter(labels[i] for _ in range(100) for i in half)
-    expected = {k: c ** 0.5 / sum(n ** 0.5 for n in (28, 6, 4, 2)) for k, c in (("a", 28), ("b", 6), ("c", 4), ("d", 2))}
+    counts = {"a": 28, "b": 6, "c": 4, "d": 2}
+    expected = {k: c ** 0.5 / sum(n ** 0.5 for n in counts.values()) for k, c in counts.items()}
     assert all(abs(sqrt[k] / 4000 - share) < 0.03 for k, share in expected.items()), (sqrt, expected)  # a: 0.47
 
 

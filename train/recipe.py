@@ -22,9 +22,12 @@ minutes count the training loop (evaluations and checkpoints included), not load
 of every example, at most one distinct answer per ``MIN_PER_LABEL`` examples) whose distribution is skewed
 (its entropy below ``SKEW_ENTROPY`` of the balanced distribution's: the 70 % majority of 5 sensor actions is
 0.64, a 80/20 binary split 0.72; the 27 card intents 0.99), ``auto`` trains on class-balanced draws: a sampler
-that draws each example with probability 1 / (k x its label's count), so each of the k labels makes up 1/k of
-the batches (minority examples repeat, majority ones are seen less often). ``on`` forces it (for labels),
-``off`` never. The sampler replaces ``group_by_length``.
+that draws each example with probability proportional to 1 / its label's count (to the power
+``balance_strength``: 1, the default, makes each of the k labels 1/k of the batches; 0.5 is square-root
+balancing), so minority examples repeat and majority ones are seen less often. ``on`` forces it (for labels),
+``off`` never. The sampler replaces ``group_by_length``. On the sensors use case (bench/recipe.py
+``--use-case sensors``) full balancing over the auto epochs found the rare actions (macro-F1 0.633 against
+0.165 on the file's mix); square-root balancing did not (0.323).
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ def count_examples(path: str) -> int:
         with open(path, encoding="utf-8") as f:
             return sum(1 for line in f if line.strip())
     except OSError as e:
-        raise UserError(f"train_file: cannot read {path} ({e.strerror}); max_steps: auto sizes the run from it") from None
+        raise UserError(f"train_file: cannot read {path} ({e.strerror}); max_steps: auto sizes the run from "
+                        "it") from None
 
 
 def replan_schedule(scheduler, total_steps: int) -> bool:

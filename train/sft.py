@@ -138,8 +138,8 @@ def build_trainer(script, training, model_args, model, tokenizer, train_rows, va
     if getattr(script, "balance_labels", "off") != "off":
         print(why, flush=True)
     if balance:
-        sampler = recipe.balanced_sampler(list(trainer.train_dataset[BALANCE_COLUMN]), training.data_seed or training.seed,
-                                          getattr(script, "balance_strength", 1.0))
+        sampler = recipe.balanced_sampler(list(trainer.train_dataset[BALANCE_COLUMN]),
+                                          training.data_seed or training.seed, getattr(script, "balance_strength", 1.0))
         trainer._get_train_sampler = lambda train_dataset=None: sampler
     if script.shared_prefix:
         from train.shared_prefix import enable

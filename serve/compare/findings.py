@@ -9,11 +9,13 @@ difference. Beside it, the differences of latency, tokens and cost that the tabl
 Collapse (``collapse``): a fine-tune that gives one answer to most inputs (an adapter trained on skewed labels
 that learned the majority answer) can score a fair accuracy while being useless. Per model, the answers are
 normalised as the task compares them (the label; the JSON object on the scored fields; the text with its
-whitespace folded) and the most common one's share of the inputs is set beside the most common reference's.
+whitespace folded; on the label task only answers that name a class count, the others being the table's
+off-label) and the most common one's share of the inputs is set beside its share of the references.
 A model is flagged when that answer covers at least ``COLLAPSE_SHARE`` of the inputs and either it covers
-``COLLAPSE_MARGIN`` more than the most common reference does, or nearly every input (``COLLAPSE_ALL``) while
-more than ``1 - COLLAPSE_ALL`` of the references differ, or (label task) its macro-F1 is at most
-``MACRO_F1_RATIO`` of its accuracy. Held-out sets under ``COLLAPSE_MIN_EXAMPLES`` are not judged.
+``COLLAPSE_MARGIN`` more of them than the references give that answer (a majority answer given everywhere, or
+a rare one), or nearly every input (``COLLAPSE_ALL``) while more than ``1 - COLLAPSE_ALL`` of the references
+differ, or (label task) its macro-F1 is at most ``MACRO_F1_RATIO`` of its accuracy. Held-out sets under
+``COLLAPSE_MIN_EXAMPLES`` are not judged.
 """
 
 from __future__ import annotations
@@ -111,23 +113,25 @@ def collapse(cfg: CompareConfig, examples, results: dict[str, dict], summaries: 
     by = {s["alias"]: s for s in summaries}
     out = []
     for alias, recs in results.items():
-        answers = Counter(a for a in (normalised(cfg, x) for x in answers_of(recs, examples)) if a is not None)
+        answers = Counter(a for a in (normalised(cfg, x) for x in answers_of(recs, examples)) if a is not None
+                          and (cfg.task != "label" or a in refs))  # off-label answers are the table's off-label
         if not answers:
             continue
         answer, count = answers.most_common(1)[0]
-        share, ref_share = count / n, ref_count / n
+        share, ref_share, same = count / n, ref_count / n, refs.get(answer, 0) / n
         s = by.get(alias, {})
         acc, f1 = s.get("accuracy"), s.get("macro_f1")
         reasons = []
-        if share >= ref_share + COLLAPSE_MARGIN:
-            reasons.append(f"the most common reference covers {ref_share:.0%}")
+        if share >= same + COLLAPSE_MARGIN:
+            reasons.append(f"it is the reference of {same:.0%}")
         elif share >= COLLAPSE_ALL and ref_share <= COLLAPSE_ALL:
             reasons.append(f"{1 - ref_share:.0%} of the references are something else")
         if cfg.task == "label" and acc and f1 is not None and f1 <= MACRO_F1_RATIO * acc:
             reasons.append(f"macro-F1 {f1:.3f} against accuracy {acc:.3f}")
         if share >= COLLAPSE_SHARE and reasons:
             out.append({"model": alias, "answer": answer, "count": count, "n": n, "share": round(share, 4),
-                        "distinct_answers": len(answers), "reference_top": ref_answer,
+                        "distinct_answers": len(answers), "reference_share": round(same, 4),
+                        "reference_top": ref_answer,
                         "reference_top_share": round(ref_share, 4), "reference_classes": len(refs),
                         "reasons": reasons})
     return out
@@ -135,8 +139,9 @@ def collapse(cfg: CompareConfig, examples, results: dict[str, dict], summaries: 
 
 def collapse_line(c: dict) -> str:
     """``finetuned gives one answer ("none") to 118 of 120 inputs (98%) while ...: it has likely collapsed ...``"""
+    k = c["distinct_answers"]
     return (f"{c['model']} gives one answer ({_short(c['answer'], 60)!r}) to {c['count']} of {c['n']} inputs "
-            f"({c['share']:.0%}; {c['distinct_answers']} distinct answers, the references have "
+            f"({c['share']:.0%}; {k} distinct answer{'s' * (k != 1)}, the references have "
             f"{c['reference_classes']}) while {'; '.join(c['reasons'])}: it has likely collapsed onto one answer. "
             f"Likely fixes: {COLLAPSE_FIX}.")
 
