@@ -307,23 +307,14 @@ def load_prompts(path: str | None, key: str) -> tuple[list[dict], list[dict]]:
 
 def check_items(grader: dict, items: list[dict], key: str, path: str) -> None:
     """Every ``{{ item.x }}`` the grader reads is in every line (else each completion would score 0)."""
-    from serve.graders.templates import TemplateError, lookup, variables
+    from serve.graders.templates import item_paths, missing_item_path
 
-    def paths(node) -> set[str]:
-        if isinstance(node, dict):
-            return {p for k, v in node.items() if k != "source" for p in paths(v)}
-        if isinstance(node, list):
-            return {p for v in node for p in paths(v)}
-        return {p for p in variables(node) if p.startswith("item.")} if isinstance(node, str) else set()
-
-    for path_ in sorted(paths(grader)):
-        for i, item in enumerate(items, 1):
-            try:
-                lookup(path_, {}, item)
-            except TemplateError:
-                fields = ", ".join(item) or "none"
-                raise UserError(f"grader: {{{{ {path_} }}}} is not in {key} {path} example {i} (its fields: "
-                                f"{fields}); every line needs the fields the grader reads") from None
+    wanted = item_paths(grader)
+    for i, item in enumerate(items, 1):
+        if missing := missing_item_path(wanted, item):
+            fields = ", ".join(item) or "none"
+            raise UserError(f"grader: {{{{ {missing} }}}} is not in {key} {path} example {i} (its fields: "
+                            f"{fields}); every line needs the fields the grader reads") from None
 
 
 def check_lengths(rows: list[dict], tokenizer, max_completion_length: int) -> dict:

@@ -149,12 +149,7 @@ def results_csv(run_dir: Path) -> bytes:
             row.update(train_loss=rec["loss"], train_accuracy=value(accuracy(rec)))
         if "eval_loss" in rec:
             row.update(valid_loss=rec["eval_loss"], valid_mean_token_accuracy=value(accuracy(rec, "eval_")))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, RESULT_COLUMNS, restval="", lineterminator="\n")
-    writer.writeheader()
-    for step in sorted(rows):
-        writer.writerow(rows[step])
-    return buf.getvalue().encode()
+    return steps_csv(rows, RESULT_COLUMNS)
 
 
 def trained_tokens(run_dir: Path) -> int | None:
@@ -180,8 +175,13 @@ def rl_results_csv(records: list[dict]) -> bytes:
     for rec in records:
         row = rows.setdefault(rec.get("step", 0), {"step": rec.get("step", 0)})
         row.update({column: rec[key] for key, column in names.items() if key in rec})
+    return steps_csv(rows, RL_COLUMNS)
+
+
+def steps_csv(rows: dict[int, dict], columns: list[str]) -> bytes:
+    """A result file's CSV: ``columns`` as the header, one row per step in step order, blanks where not logged."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, RL_COLUMNS, restval="", lineterminator="\n")
+    writer = csv.DictWriter(buf, columns, restval="", lineterminator="\n")
     writer.writeheader()
     for step in sorted(rows):
         writer.writerow(rows[step])

@@ -118,24 +118,14 @@ def missing_item_fields(path: str, grader: dict) -> str | None:
     None."""
     from data_prep.reinforcement import item_of
     from data_prep.sources import jsonl_lines
-    from serve.graders.templates import TemplateError, lookup, variables
+    from serve.graders.templates import item_paths, missing_item_path
 
-    def paths(node) -> set[str]:
-        if isinstance(node, dict):
-            return {p for k, v in node.items() if k != "source" for p in paths(v)}
-        if isinstance(node, list):
-            return {p for v in node for p in paths(v)}
-        return {p for p in variables(node) if p.startswith("item.")} if isinstance(node, str) else set()
-
-    wanted = sorted(paths(grader))
+    wanted = item_paths(grader)
     for n, ex, error in jsonl_lines(Path(path)) if wanted else ():
         if error or not isinstance(ex, dict):
             continue
         item = item_of(ex)
-        for p in wanted:
-            try:
-                lookup(p, {}, item)
-            except TemplateError:
-                return (f"line {n}: missing_item_field: the grader reads {{{{ {p} }}}} and this line has no such field "
-                        f"(its fields: {', '.join(item) or 'none'}); every line needs the fields the grader reads")
+        if p := missing_item_path(wanted, item):
+            return (f"line {n}: missing_item_field: the grader reads {{{{ {p} }}}} and this line has no such field "
+                    f"(its fields: {', '.join(item) or 'none'}); every line needs the fields the grader reads")
     return None

@@ -87,3 +87,25 @@ def check_variables(template: str) -> str | None:
         if not _PATH.match(path):
             return path
     return None
+
+
+def item_paths(grader) -> list[str]:
+    """The ``item.x`` paths a grader's templates read, sorted (a python grader's ``source`` is its own)."""
+    def paths(node) -> set[str]:
+        if isinstance(node, dict):
+            return {p for k, v in node.items() if k != "source" for p in paths(v)}
+        if isinstance(node, list):
+            return {p for v in node for p in paths(v)}
+        return {p for p in variables(node) if p.startswith("item.")} if isinstance(node, str) else set()
+
+    return sorted(paths(grader))
+
+
+def missing_item_path(paths: list[str], item: dict) -> str | None:
+    """The first of ``paths`` (from :func:`item_paths`) that ``item`` lacks, or None."""
+    for path in paths:
+        try:
+            lookup(path, {}, item)
+        except TemplateError:
+            return path
+    return None
