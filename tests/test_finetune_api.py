@@ -412,6 +412,8 @@ def test_server_killed_mid_job_resumes_after_restart(tmp_path, ft_model_dir, toy
             assert time.time() < deadline and s.proc.poll() is None
             time.sleep(0.2)
         s.kill(signal.SIGKILL)  # the server dies; its training process is orphaned
+        for pid in training_pids(s.data_dir):
+            os.kill(pid, signal.SIGSTOP)  # held mid-run until the restarted server stops it (else done in seconds)
         s.start()  # the same data folder and port
         job = wait_status(c, job.id, ("succeeded", "failed"), timeout=240)
         assert job.status == "succeeded", job.error
@@ -430,6 +432,36 @@ def test_server_killed_mid_job_resumes_after_restart(tmp_path, ft_model_dir, toy
     finally:
         s.stop()
 
+
+
+def test_a_training_that_finished_while_the_server_was_down_completes_the_job(tmp_path, ft_model_dir, toy_files):
+    s = Server(tmp_path, ft_model_dir).start()
+    try:
+        c = s.client()
+        f = c.files.create(file=open(toy_files / "train.jsonl", "rb"), purpose="fine-tune")
+        job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny-llama", suffix="done", method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 1}}})
+        run_dir = s.data_dir / "runs" / job.id
+        deadline = time.time() + 120
+        while not list(run_dir.glob("checkpoint-*/trainer_state.json")):
+            assert time.time() < deadline and s.proc.poll() is None
+            time.sleep(0.2)
+        s.kill(signal.SIGKILL)
+        while not (run_dir / "summary.json").exists() or training_pids(s.data_dir):  # the orphan trains to the end
+            assert time.time() < deadline
+            time.sleep(0.2)
+        s.start()
+        job = wait_status(c, job.id, ("succeeded", "failed"), timeout=120)
+        assert job.status == "succeeded", job.error
+        messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data]
+        assert any("its training finished meanwhile" in m for m in messages), messages
+        assert not any("attempt 2" in m for m in messages)  # not started again
+        steps = json.loads((run_dir / "summary.json").read_text())["steps"]
+        ckpts = c.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert steps in [k.step_number for k in ckpts]  # saved after the server died, listed after the restart
+        assert job.result_files and job.trained_tokens
+    finally:
+        s.stop()
 
 def test_non_loopback_host_needs_a_key(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TUNEKIT_API_KEY"}

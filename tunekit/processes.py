@@ -76,6 +76,8 @@ def stop_group(pgid: int, grace: float = 30, on_wait=None) -> None:
         for proc in members:
             try:
                 proc.send_signal(sig)  # psutil checks the pid still names the same process (create time)
+                if sig == signal.SIGTERM:
+                    proc.resume()  # a stopped process (Ctrl-Z, SIGSTOP) takes its SIGTERM now, not never
             except psutil.Error:
                 pass
         deadline = time.monotonic() + wait

@@ -151,6 +151,10 @@ class Worker:
             if attempts >= self.cfg.max_attempts:
                 self.fail(job["id"], "server_restart", f"the server stopped {attempts} times while this job was "
                           "running; create the job again")
+            elif (Path(priv.get("run_dir", "")) / "summary.json").exists():  # it finished while the server was down
+                self.store.update_job(job["id"], status="queued", estimated_finish=None)
+                self.store.add_event(job["id"], "The server restarted while this job was running; its training "
+                                     "finished meanwhile and the job completes now")
             else:
                 ckpt = last_checkpoint(Path(priv.get("run_dir", "")))
                 self.store.update_job(job["id"], status="queued", estimated_finish=None)
@@ -350,6 +354,9 @@ class Worker:
         job_id = job["id"]
         run_dir = (self.data_dir / "runs" / job_id).resolve()
         device = device or CPU
+        if handle is None and (run_dir / "summary.json").exists():  # trained while the server was down (recover)
+            self.collect(job_id, run_dir, self.store.get_private(job_id).get("total_steps") or 1, {"lines": 0})
+            return self.succeed(job, run_dir)
         if handle is None:
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             for name in (PAUSE_REQUEST, PAUSED):  # a resumed job's: this start trains on
