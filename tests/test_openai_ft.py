@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, ctrl_c_able
-from test_finetune_api import KEY, FaultProxy, Server, ft_model_dir, toy_files  # noqa: F401 (fixtures)
+from test_finetune_api import KEY, FaultProxy, Server, ft_model_dir, toy_files, training_pids  # noqa: F401 (fixtures)
 
 COMMANDS = ("create", "follow", "list", "status", "cancel", "checkpoints", "results")
 
@@ -51,6 +51,13 @@ def job_config(tmp_path: Path, toy: Path, base_url: str, **extra) -> Path:
     return path
 
 
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, toy_files, tmp_path):  # noqa: F811
     proxy = FaultProxy(server.base_url.removesuffix("/v1"), every=4)
     try:
@@ -63,6 +70,19 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
         assert "32 examples" in out and "x 2 epochs" in out and "local backend: no charge" in out
         assert out.count("uploaded ") == 2 and KEY not in out + created.stderr
         job_id = out.split("created ", 1)[1].split()[0]
+        # its training held (SIGSTOP) until the follow below has detached: the tiny model trains its 16 steps in
+        # well under a second, so a job left to run could end before the Ctrl-C (nothing to detach from)
+        deadline = time.time() + 120
+        while not (held := [pid for pid in training_pids(server.data_dir) if job_id in cmdline(pid)]):
+            assert time.time() < deadline, "the job's training did not start"
+            time.sleep(0.02)
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        for pid in set(training_pids(server.data_dir)) - set(held):  # a child started as its parent was stopped
+            if job_id in cmdline(pid):
+                os.kill(pid, signal.SIGSTOP)
+                held.append(pid)
         record = json.loads((tmp_path / "jobs" / f"{job_id}.json").read_text())
         assert record["backend"] == "local" and record["request"]["method"]["supervised"]["hyperparameters"] == \
             {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}
@@ -78,7 +98,7 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
         again = cli("cancel", job2, "--jobs-dir", str(tmp_path / "jobs"), cwd=tmp_path, env=env)
         assert again.returncode == 2 and "cannot be cancelled" in again.stderr and "Traceback" not in again.stderr
 
-        # follow, detach with Ctrl-C after the first metrics line, follow again to the end
+        # follow, detach with Ctrl-C after the first event, let the training go on, follow again to the end
         follow = ["follow", job_id, "--jobs-dir", str(tmp_path / "jobs"), "--interval", "0.3", "--max-retries", "0"]
         proc = subprocess.Popen([sys.executable, "-m", "train.openai_ft", *follow], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -86,10 +106,12 @@ def test_create_follow_detach_reattach_results_through_a_faulty_proxy(server, to
         first, deadline = [], time.time() + 120
         for line in proc.stdout:
             first.append(line)
-            if "step " in line or time.time() > deadline:
+            if line[:2].isdigit() or time.time() > deadline:
                 break
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)  # (communicate() would skip what the line iterator has buffered)
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
         rest, err = proc.stdout.read(), proc.stderr.read()
         first += rest.splitlines(keepends=True)
         assert proc.returncode == 0, err[-2000:]
