@@ -39,8 +39,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from tunekit.errors import UserError
 
 AUTO = "auto"
@@ -113,36 +111,50 @@ def replan_schedule(scheduler, total_steps: int) -> bool:
     return changed
 
 
-class TimeBudget(TrainerCallback):
-    """``max_minutes``: lowers ``state.max_steps`` to what the measured step time leaves room for (module doc)."""
+def _time_budget_class():
+    from transformers import TrainerCallback
 
-    def __init__(self, minutes: float, trainer, probe: int = PROBE_STEPS, clock=time.perf_counter):
-        self.budget_s, self.trainer, self.probe, self.clock = minutes * 60, trainer, probe, clock
-        self.t0 = self.t1 = None
-        self.start_step = self.planned = 0
+    class TimeBudget(TrainerCallback):
+        """``max_minutes``: lowers ``state.max_steps`` to what the measured step time leaves room for (module doc)."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.t0, self.start_step, self.planned = self.clock(), state.global_step, state.max_steps
+        def __init__(self, minutes: float, trainer, probe: int = PROBE_STEPS, clock=time.perf_counter):
+            self.budget_s, self.trainer, self.probe, self.clock = minutes * 60, trainer, probe, clock
+            self.t0 = self.t1 = None
+            self.start_step = self.planned = 0
 
-    def on_step_end(self, args, state, control, **kwargs):
-        done = state.global_step - self.start_step
-        if done == 1:
-            self.t1 = self.clock()  # the first step pays for warm-up: timed from its end
-            return
-        if done < 2 or done % self.probe or state.global_step >= state.max_steps:
-            return
-        now = self.clock()
-        per_step = (now - self.t1) / (done - 1)
-        fits = state.global_step + int(max(0.0, self.budget_s - (now - self.t0)) / per_step)
-        if fits < state.max_steps:
-            state.max_steps = max(state.global_step, fits)
-            replan_schedule(self.trainer.lr_scheduler, state.max_steps)
-            if state.global_step >= state.max_steps:
-                control.should_training_stop = True
-            if state.is_world_process_zero:
-                print(f"max_minutes {self.budget_s / 60:g}: {per_step:.2f} s a step, so {state.max_steps} steps "
-                      f"instead of {self.planned} (the learning-rate schedule ends there)", file=sys.stderr,
-                      flush=True)
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0, self.start_step, self.planned = self.clock(), state.global_step, state.max_steps
+
+        def on_step_end(self, args, state, control, **kwargs):
+            done = state.global_step - self.start_step
+            if done == 1:
+                self.t1 = self.clock()  # the first step pays for warm-up: timed from its end
+                return
+            if done < 2 or done % self.probe or state.global_step >= state.max_steps:
+                return
+            now = self.clock()
+            per_step = (now - self.t1) / (done - 1)
+            fits = state.global_step + int(max(0.0, self.budget_s - (now - self.t0)) / per_step)
+            if fits < state.max_steps:
+                state.max_steps = max(state.global_step, fits)
+                replan_schedule(self.trainer.lr_scheduler, state.max_steps)
+                if state.global_step >= state.max_steps:
+                    control.should_training_stop = True
+                if state.is_world_process_zero:
+                    print(f"max_minutes {self.budget_s / 60:g}: {per_step:.2f} s a step, so {state.max_steps} steps "
+                          f"instead of {self.planned} (the learning-rate schedule ends there)", file=sys.stderr,
+                          flush=True)
+
+    return TimeBudget
+
+
+def __getattr__(name: str):
+    """``TimeBudget`` subclasses transformers' TrainerCallback, so it is defined on first use: the step rule above
+    (``auto_epochs``, ``auto_steps``) then imports without transformers (the fine-tuning API plans jobs with it)."""
+    if name == "TimeBudget":
+        globals()[name] = cls = _time_budget_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- skewed labels

@@ -63,6 +63,8 @@ from __future__ import annotations
 
 import math
 
+from train.recipe import auto_steps
+
 KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 MAX_BATCH = 256
 AUTO_BETA = 0.1
@@ -139,7 +141,7 @@ def plan(sft: dict, hp: dict, n: int, model: str, max_steps: int | None = None) 
     device, accum = split_batch(hp["batch_size"], base_device)
     scale = min(2.0, max(0.5, math.sqrt(hp["batch_size"] / (base_device * base_accum))))
     lr = base_lr * hp["learning_rate_multiplier"] / auto_multiplier(model) * scale
-    steps = math.ceil(math.ceil(n / device) / accum) * hp["n_epochs"]
+    steps = auto_steps(n, device, accum, epochs=hp["n_epochs"])  # train/recipe.py's rule, as max_steps: auto
     out = {"num_train_epochs": hp["n_epochs"], "per_device_train_batch_size": device,
            "gradient_accumulation_steps": accum, "learning_rate": float(f"{lr:.6g}"),
            "max_steps": min(steps, max_steps) if max_steps else steps, "steps_for_epochs": steps,
@@ -157,7 +159,7 @@ def reinforcement_plan(sft: dict, hp: dict, n: int, model: str, max_steps: int |
     base_prompts = max(1.0, base_device * base_accum / base_gen)
     scale = min(2.0, max(0.5, math.sqrt(prompts / base_prompts)))
     lr = base_lr * hp["learning_rate_multiplier"] / auto_multiplier(model) * scale
-    steps = math.ceil(n / prompts) * hp["n_epochs"]
+    steps = auto_steps(n, prompts, epochs=hp["n_epochs"])  # a step takes `prompts` prompts (x gens completions)
     total = min(steps, max_steps) if max_steps else steps
     eval_gens = int(sft.get("num_generations_eval") or gens)
     eval_batch = int(sft.get("per_device_eval_batch_size") or base_device)
