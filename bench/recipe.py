@@ -170,7 +170,7 @@ def exact_match(run_dir: str, batch: int = 32) -> float:
 
 def baseline_accuracy() -> float:
     from serve.compare.baseline import baseline_rows, train_baseline
-    from serve.compare.cli import CompareConfig
+    from serve.compare.config import CompareConfig
     from serve.compare.data import load_examples
     from tunekit.config import load_config
 
@@ -208,7 +208,7 @@ def greedy_answers(run_dir: str, heldout: str, max_new_tokens: int, batch: int =
 def use_case_main(name: str, only: list[str] | None, extras: dict[str, str], out_path: str | None) -> int:
     """The levers of a label use case (module doc)."""
     from serve.compare.baseline import baseline_summary, train_baseline
-    from serve.compare.cli import CompareConfig
+    from serve.compare.config import CompareConfig
     from serve.compare.data import load_examples
     from serve.compare.tasks import label_summary
     from tunekit import demo

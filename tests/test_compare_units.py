@@ -256,7 +256,8 @@ def test_compare_flags_are_generated_from_the_config_fields(tmp_path):
     """Every CompareConfig key is a flag (no exclusions); a flag given overrides the YAML, the rest stay."""
     import dataclasses
 
-    from serve.compare.cli import CompareConfig, config_overrides, parser
+    from serve.compare.cli import config_overrides, parser
+    from serve.compare.config import CompareConfig
     from tunekit.config import load_config
 
     cfg_path = tmp_path / "compare.yaml"
@@ -283,7 +284,7 @@ def test_compare_models_flag_takes_commas_or_spaces_and_backend_is_checked():
 
 
 def test_compare_yaml_backend_must_be_local_or_openai(tmp_path):
-    from serve.compare.cli import CompareConfig
+    from serve.compare.config import CompareConfig
     from tunekit.config import load_config
     from tunekit.errors import UserError
 

@@ -76,7 +76,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
 def test_each_use_case_has_every_config_and_each_passes_its_checks(name, built, monkeypatch):
     from data_prep.build import BuildConfig
     from serve.client import load_settings
-    from serve.compare.cli import CompareConfig
+    from serve.compare.config import CompareConfig
     from serve.compare.tasks import TASKS
     from serve.vllm_server import VLLMServer
     from train.jobs.create import OpenAIJobConfig

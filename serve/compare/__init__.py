@@ -47,12 +47,13 @@ wrong. Every finished request is appended to ``out/raw/<model>.jsonl`` at once, 
 was done and ``--resume`` sends only the rest.
 """
 
-# The package: cli (CompareConfig, main), data (held-out examples), scoring and tasks (the task
+# The package: config (CompareConfig), cli (main), data (held-out examples), scoring and tasks (the task
 # table), logprobs (class scores from log-probabilities), preference (preference accuracy from the
 # server's log-probabilities), runner (concurrent requests, resume, judge),
 # baseline (TF-IDF), summary, findings (bootstrap deltas, before/after examples), grading (grader rewards), report.
 from .baseline import BASELINE, baseline_summary, train_baseline
-from .cli import CompareConfig, main
+from .cli import main
+from .config import CompareConfig
 from .data import Example, load_examples
 from .findings import deltas, paired_bootstrap
 from .logprobs import class_scores, label_start

@@ -17,7 +17,7 @@ from .scoring import canonical_json, extract_label, label_metrics, parse_json
 from .tasks import TASKS
 
 if TYPE_CHECKING:
-    from .cli import CompareConfig
+    from .config import CompareConfig
 
 BASELINE = "tfidf-logreg"
 

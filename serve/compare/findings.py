@@ -29,7 +29,7 @@ from .scoring import canonical_json, extract_label, parse_json
 from .tasks import TASKS, row_score
 
 if TYPE_CHECKING:
-    from .cli import CompareConfig
+    from .config import CompareConfig
 
 # (summary key, name in the report, unit, digits): differences shown beside each delta
 SIDE_KEYS = (("latency_p50_s", "p50 latency", " s", 3), ("latency_p95_s", "p95 latency", " s", 3),

@@ -28,7 +28,7 @@ from tunekit.errors import UserError
 from .findings import delta_line, paired_bootstrap
 
 if TYPE_CHECKING:
-    from .cli import CompareConfig
+    from .config import CompareConfig
 
 
 def load_grader(path: str) -> dict:

@@ -37,7 +37,7 @@ from .runner import RawStore
 
 if TYPE_CHECKING:
     from ..client import Backend
-    from .cli import CompareConfig
+    from .config import CompareConfig
 
 
 @dataclass

@@ -22,7 +22,7 @@ from .scoring import FORMAT_MEANING
 from .tasks import TASKS, Column, fmt, row_score
 
 if TYPE_CHECKING:
-    from .cli import CompareConfig
+    from .config import CompareConfig
 
 # the columns after the task's own, for every task
 COMMON_COLUMNS = (

@@ -26,7 +26,7 @@ from .data import Example
 
 if TYPE_CHECKING:
     from ..client import Backend
-    from .cli import CompareConfig
+    from .config import CompareConfig
 
 
 class RawStore:

@@ -16,7 +16,7 @@ from .tasks import TASKS
 
 if TYPE_CHECKING:
     from ..client import Backend
-    from .cli import CompareConfig
+    from .config import CompareConfig
 
 
 def inference_price(model: str) -> dict | None:

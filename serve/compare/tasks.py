@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 from .scoring import extract_label, format_ok, json_exact, json_metrics, label_metrics, parse_json, rouge_l
 
 if TYPE_CHECKING:
-    from .cli import CompareConfig
+    from .config import CompareConfig
     from .data import Example
 
 
