@@ -1,28 +1,28 @@
-"""Does reinforcement (GRPO with a grader) help? The card intents: a short SFT, then GRPO on top, on held-out queries.
+"""Does reinforcement (GRPO with a grader) help? Two tasks, each scored on held-out examples by its own grader.
 
-    python bench/rl_use_case.py                         # 80 SFT steps, then 60 GRPO steps, 540 test queries
-    python bench/rl_use_case.py --sft-steps 80 --rl-steps 100 --control
-    python bench/rl_use_case.py --dry-run               # the commands, nothing run
+    python bench/rl_use_case.py --task imdb --control   # GRPO from the base model, a python grader; SFT control
+    python bench/rl_use_case.py --task cards --control  # 80 SFT steps, then 120 GRPO steps on top; SFT control
+    python bench/rl_use_case.py --task imdb --dry-run   # the commands, nothing run
     python bench/rl_use_case.py --name lr3e-4 --rl-args "--learning_rate 3e-4"   # one more GRPO variant
 
-What it measures, each step the command a user runs (cwd = the repository root, HF_HUB_OFFLINE=1):
+**imdb** (the default; ``configs/imdb/grpo_cpu.yaml``): the base model, asked for one word (positive or
+negative) about the last 300 characters of a movie review, answers with a sentence and never with the word
+alone. GRPO with a ``python`` grader (1 for exactly the review's label; less for a longer answer that names only
+the right label; 0 for one that names the other) teaches it, from the base model, with no written answers:
+the reward is the only teacher. The control trains SFT on the same reviews with their labels as the answers.
 
-1. ``tunekit build`` of the card intents (``configs/banking77/build_cards.yaml``) and of 540 test queries
-   (``configs/banking77/data/test.csv``, seeded sample, as the demo's held-out set);
-2. ``python -m data_prep.reinforcement``: the same train/valid split as OpenAI RFT JSONL (the prompt without
-   its answer; ``item.category`` = the intent);
-3. ``tunekit train configs/banking77/sft_cpu.yaml`` for --sft-steps -> runs/rl_use_case/sft;
-4. ``tunekit train configs/banking77/grpo_cpu.yaml --init-adapter runs/rl_use_case/sft`` for --rl-steps: GRPO
-   from the supervised adapter, the grader ``string_check`` of ``sample.output_json.category`` against
-   ``item.category`` (1 for the right intent, else 0) -> runs/rl_use_case/sft_grpo;
-5. with --control: SFT for --sft-steps + --control-steps from the start (the same budget spent on more SFT);
-6. on the held-out queries, for the base model, SFT and SFT + GRPO (and the control): **accuracy**, the share
-   whose greedy answer (temperature 0) the training's own grader scores 1 (its JSON names the query's intent),
-   with a 95% Wilson interval, and the paired difference of SFT + GRPO against SFT with a 95% bootstrap
-   interval.
+**cards** (``configs/banking77/grpo_cpu.yaml``): the card demo's SFT adapter (80 steps), then GRPO on top with
+``string_check`` of ``sample.output_json.category`` against ``item.category``; the control is more SFT.
 
-A finished run is not trained again (``tunekit train`` reuses it); scores are kept in runs/rl_use_case/eval/.
-Prints a table and writes bench/results/rl_use_case.json (figures, wall times, the runs' summaries, the CPU).
+What it runs, each step the command a user runs (cwd = the repository root, HF_HUB_OFFLINE=1): ``tunekit
+build`` of the task's data, ``python -m data_prep.reinforcement`` (the same split as OpenAI RFT JSONL: the
+prompt without its answer, the answer as ``item.reference_answer`` or its JSON fields), the SFT start (cards),
+``tunekit train`` of the GRPO profile, and with --control the SFT control. Then, on the held-out examples, for
+each model: **accuracy**, the share whose greedy answer (temperature 0) the training's own grader scores 1,
+with a 95% Wilson interval, and the paired difference of GRPO against its start with a 95% bootstrap interval.
+
+A finished run is not trained again (``tunekit train`` reuses it); scores are kept in runs/rl_use_case*/eval/.
+Prints a table and writes bench/results/rl_use_case[_TASK].json (figures, wall times, the runs' summaries, CPU).
 """
 
 from __future__ import annotations
@@ -46,42 +46,56 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from train.hardware import cpu_flags  # noqa: E402
 
-OUT = ROOT / "runs/rl_use_case"
 TUNEKIT = [sys.executable, "-m", "tunekit"]
 MODEL = ROOT / ".cache/models/SmolLM2-135M-Instruct"
-RL_CONFIG = "configs/banking77/grpo_cpu.yaml"
+TASKS = {
+    "imdb": {"out": ROOT / "runs/rl_use_case_imdb", "build": "configs/imdb/build_rl.yaml",
+             "sft": "configs/imdb/sft_cpu.yaml", "rl": "configs/imdb/grpo_cpu.yaml", "start_steps": 0,
+             "what": "held-out IMDB reviews (the last 300 characters); accuracy = the grader scores the greedy "
+                     "answer 1 (exactly the review's label)"},
+    "cards": {"out": ROOT / "runs/rl_use_case", "build": "configs/banking77/build_cards.yaml",
+              "sft": "configs/banking77/sft_cpu.yaml", "rl": "configs/banking77/grpo_cpu.yaml", "start_steps": 80,
+              "what": "held-out card queries (banking77 test split); accuracy = the grader scores the greedy "
+                      "answer 1 (its JSON names the query's intent)"},
+}
+
+
+def sft(task: dict, data: Path, out: Path, steps: int) -> list[str]:
+    return [*TUNEKIT, "train", task["sft"], "--train-file", str(data / "train.jsonl"), "--valid-file",
+            str(data / "valid.jsonl"), "--output-dir", str(out), "--max-steps", str(steps), "--eval-strategy", "no",
+            "--save-steps", str(steps)]
 
 
 def commands(args) -> list[tuple[str, list[str]]]:
-    data = OUT / "data"
-    plan = [
-        ("build", [*TUNEKIT, "build", "--config", "configs/banking77/build_cards.yaml", "--out", str(data)]),
-        ("build test", [*TUNEKIT, "build", "--config", "configs/banking77/build_cards.yaml", "--input",
-                        "configs/banking77/data/test.csv", "--valid-fraction", "0", "--sample", str(args.test),
-                        "--out", str(OUT / "test")]),
-        ("rft prompts", [sys.executable, "-m", "data_prep.reinforcement", str(data / "train.jsonl"),
-                         str(data / "valid.jsonl"), "--out", str(OUT / "rl_data")]),
-        ("train sft", [*TUNEKIT, "train", "configs/banking77/sft_cpu.yaml", "--train-file", str(data / "train.jsonl"),
-                       "--valid-file", str(data / "valid.jsonl"), "--output-dir", str(OUT / "sft"),
-                       "--max-steps", str(args.sft_steps), "--eval-strategy", "no", "--save-steps",
-                       str(args.sft_steps)]),
-        ("train sft+grpo", [*TUNEKIT, "train", RL_CONFIG, "--init-adapter", str(OUT / "sft"),
-                            "--train-file", str(OUT / "rl_data/train.jsonl"), "--valid-file",
-                            str(OUT / "rl_data/valid.jsonl"), "--output-dir", str(OUT / rl_dir(args)),
-                            "--max-steps", str(args.rl_steps), "--save-steps", str(args.rl_steps),
-                            *shlex.split(args.rl_args)]),
-    ]
+    task = TASKS[args.task]
+    out, data = task["out"], task["out"] / "data"
+    plan = [("build", [*TUNEKIT, "build", "--config", task["build"], "--out", str(data)])]
+    if args.task == "cards":  # the card demo's held-out queries: a seeded sample of banking77's test split
+        plan.append(("build test", [*TUNEKIT, "build", "--config", task["build"], "--input",
+                                    "configs/banking77/data/test.csv", "--valid-fraction", "0", "--sample",
+                                    str(args.test), "--out", str(out / "test")]))
+    plan.append(("rft prompts", [sys.executable, "-m", "data_prep.reinforcement", str(data / "train.jsonl"),
+                                 str(data / "valid.jsonl"), "--out", str(out / "rl_data")]))
+    start = start_steps(args)
+    if start:
+        plan.append(("train sft", sft(task, data, out / "sft", start)))
+    plan.append(("train grpo", [*TUNEKIT, "train", task["rl"], *(["--init-adapter", str(out / "sft")] if start else []),
+                                "--train-file", str(out / "rl_data/train.jsonl"), "--valid-file",
+                                str(out / "rl_data/valid.jsonl"), "--output-dir", str(out / rl_dir(args)),
+                                "--max-steps", str(args.rl_steps), "--save-steps", str(args.rl_steps),
+                                *shlex.split(args.rl_args)]))
     if args.control:
-        steps = args.sft_steps + args.control_steps
-        plan.append(("train sft (control)", [
-            *TUNEKIT, "train", "configs/banking77/sft_cpu.yaml", "--train-file", str(data / "train.jsonl"),
-            "--valid-file", str(data / "valid.jsonl"), "--output-dir", str(OUT / f"sft_{steps}"),
-            "--max-steps", str(steps), "--eval-strategy", "no", "--save-steps", str(steps)]))
+        steps = start + args.control_steps
+        plan.append(("train sft (control)", sft(task, data, out / f"sft_{steps}", steps)))
     return plan
 
 
+def start_steps(args) -> int:
+    return TASKS[args.task]["start_steps"] if args.sft_steps is None else args.sft_steps
+
+
 def rl_dir(args) -> str:
-    return "sft_grpo" + (f"_{args.name}" if args.name else "")
+    return ("sft_grpo" if start_steps(args) else "grpo") + (f"_{args.name}" if args.name else "")
 
 
 def greedy_rewards(adapter: Path | None, examples: list[dict], grader: dict, batch: int = 32) -> list[float]:
@@ -130,8 +144,8 @@ def paired_diff(a: list[int], b: list[int], resamples: int = 5000) -> tuple[floa
     return round(sum(d) / len(d), 4), [round(means[int(0.025 * resamples)], 4), round(means[int(0.975 * resamples)], 4)]
 
 
-def cached(name: str, adapter: Path | None, examples: list[dict], grader: dict) -> dict:
-    path = OUT / "eval" / f"{name.replace(' ', '_').replace('/', '_')}_{len(examples)}.json"
+def cached(out: Path, name: str, adapter: Path | None, examples: list[dict], grader: dict) -> dict:
+    path = out / "eval" / f"{name.replace(' ', '_').replace('/', '_')}_{len(examples)}.json"
     if path.is_file():
         return json.loads(path.read_text())
     started = time.time()
@@ -146,15 +160,21 @@ def cached(name: str, adapter: Path | None, examples: list[dict], grader: dict) 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sft-steps", type=int, default=80)
-    ap.add_argument("--rl-steps", type=int, default=60)
-    ap.add_argument("--test", type=int, default=540, help="held-out test queries (a seeded sample of the 1,080)")
+    ap.add_argument("--task", choices=sorted(TASKS), default="imdb")
+    ap.add_argument("--sft-steps", type=int, default=None, help="SFT steps before GRPO (cards: 80; imdb: 0, none)")
+    ap.add_argument("--rl-steps", type=int, default=None, help="GRPO steps (imdb: 60; cards: 120)")
+    ap.add_argument("--test", type=int, default=540, help="cards: held-out test queries (a seeded sample of 1,080)")
     ap.add_argument("--control", action="store_true", help="also SFT for --sft-steps + --control-steps")
-    ap.add_argument("--control-steps", type=int, default=60, help="the control's extra SFT steps")
-    ap.add_argument("--name", default="", help="a GRPO variant's name: its run is runs/rl_use_case/sft_grpo_NAME")
+    ap.add_argument("--control-steps", type=int, default=None, help="the control's SFT steps past the start "
+                    "(default: --rl-steps)")
+    ap.add_argument("--name", default="", help="a GRPO variant's name: its run is grpo_NAME (sft_grpo_NAME)")
     ap.add_argument("--rl-args", default="", help="train/grpo.py flags of the variant, e.g. '--learning_rate 3e-4'")
     ap.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
     args = ap.parse_args(argv)
+    args.rl_steps = args.rl_steps or (60 if args.task == "imdb" else 120)
+    args.control_steps = args.control_steps or args.rl_steps
+    task = TASKS[args.task]
+    out = task["out"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     walls = {}
     for name, cmd in commands(args):
@@ -166,37 +186,41 @@ def main(argv=None) -> int:
         walls[name] = round(time.time() - started, 1)
     if args.dry_run:
         return 0
-    examples = [json.loads(line) for line in (OUT / "test/train.jsonl").read_text().splitlines() if line.strip()]
-    label = "sft+grpo" + (f" ({args.name})" if args.name else "")
-    models = [("base", None), ("sft", OUT / "sft"), (label, OUT / rl_dir(args))]
+    held_out = out / ("test/train.jsonl" if args.task == "cards" else "data/valid.jsonl")
+    examples = [json.loads(line) for line in held_out.read_text().splitlines() if line.strip()]
+    start = start_steps(args)
+    label = ("sft+grpo" if start else "grpo") + (f" ({args.name})" if args.name else "")
+    models = [("base", None)] + ([("sft", out / "sft")] if start else []) + [(label, out / rl_dir(args))]
     if args.control:
-        models.append((f"sft {args.sft_steps + args.control_steps} steps", OUT / f"sft_{args.sft_steps + args.control_steps}"))
-    grader = yaml.safe_load((ROOT / RL_CONFIG).read_text())["grader"]
-    results = {name: cached(name, adapter, examples, grader) for name, adapter in models}
-    diff, diff_ci = paired_diff(results["sft"]["right"], results[label]["right"])
-    summary = json.loads((OUT / rl_dir(args) / "summary.json").read_text())
-    print(f"\n{len(examples)} held-out card queries (banking77 test split); accuracy = the grader scores the "
-          "greedy answer 1 (its JSON names the query's intent)")
+        models.append((f"sft {start + args.control_steps} steps", out / f"sft_{start + args.control_steps}"))
+    grader = yaml.safe_load((ROOT / task["rl"]).read_text())["grader"]
+    results = {name: cached(out, name, adapter, examples, grader) for name, adapter in models}
+    before = "sft" if start else "base"
+    diff, diff_ci = paired_diff(results[before]["right"], results[label]["right"])
+    summary = json.loads((out / rl_dir(args) / "summary.json").read_text())
+    print(f"\n{len(examples)} {task['what']}")
     print(f"{'model':<22} {'accuracy':>9} {'95% CI':>17}")
     for name, r in results.items():
         print(f"{name:<22} {r['accuracy']:>9.3f} {str(r['accuracy_ci95']):>17}")
-    print(f"{label} - sft: {diff:+.3f} (paired 95% bootstrap CI {diff_ci})")
-    print(f"GRPO mean reward: first logged step {summary.get('reward_first')}, last {summary.get('reward_last')}; "
-          f"eval reward {summary.get('eval_reward_last')}; plot {OUT / rl_dir(args) / 'reward.png'}")
+    print(f"{label} - {before}: {diff:+.3f} (paired 95% bootstrap CI {diff_ci})")
+    print(f"GRPO mean reward: first logged step {summary.get('reward_first')}, last {summary.get('reward_last')} "
+          f"(means of the first and last steps: {summary.get('reward_first_steps_mean')} -> "
+          f"{summary.get('reward_last_steps_mean')}); eval reward {summary.get('eval_reward_last')}; plot "
+          f"{out / rl_dir(args) / 'reward.png'}")
     print("wall time (s): " + ", ".join(f"{k} {v}" for k, v in walls.items()))
     record = {"command": "python bench/rl_use_case.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-              "sft_steps": args.sft_steps, "rl_steps": args.rl_steps, "rl_args": args.rl_args,
+              "task": args.task, "sft_steps": start, "rl_steps": args.rl_steps, "rl_args": args.rl_args,
               "test_examples": len(examples),
               "results": {k: {m: v for m, v in r.items() if m != "right"} for k, r in results.items()},
-              "grpo_minus_sft": diff, "grpo_minus_sft_ci95": diff_ci, "wall_s": walls,
+              "grpo_minus_start": diff, "grpo_minus_start_ci95": diff_ci, "wall_s": walls,
               "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
               "load_average_at_end": os.getloadavg(), "grpo_summary": summary,
-              "sft_summary": json.loads((OUT / "sft/summary.json").read_text())}
-    path = ROOT / "bench/results" / f"rl_use_case{'_' + args.name if args.name else ''}.json"
+              "start_summary": json.loads((out / "sft/summary.json").read_text()) if start else None}
+    suffix = ("" if args.task == "cards" else f"_{args.task}") + (f"_{args.name}" if args.name else "")
+    path = ROOT / "bench/results" / f"rl_use_case{suffix}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -94,6 +94,7 @@ def test_run_directory_metrics_and_summary(grpo_run):
     evals = [r for r in records(grpo_run) if "eval_reward" in r]
     assert [r["step"] for r in evals] == [8] and 0.0 <= evals[0]["eval_reward"] <= 1.0
     assert summary["reward_first"] == train[0]["reward"] and summary["reward_last"] == train[-1]["reward"]
+    assert summary["reward_last_steps_mean"] == pytest.approx(sum(r["reward"] for r in train) / 8, abs=1e-4)
     assert summary["eval_reward_last"] == evals[0]["eval_reward"]
 
 

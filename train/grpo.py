@@ -274,6 +274,9 @@ def add_grader_summary(run_dir: Path, reward: GraderReward, training, plotted: l
         "num_generations": training.num_generations, "max_completion_length": training.max_completion_length,
         "temperature": training.temperature, "beta": training.beta, "loss_type": training.loss_type,
         "reward_first": rewards[0] if rewards else None,
+        # a step's mean is over few completions: the means of the first and last SMOOTH logged steps too
+        "reward_first_steps_mean": round(sum(rewards[:SMOOTH]) / len(rewards[:SMOOTH]), 4) if rewards else None,
+        "reward_last_steps_mean": round(sum(rewards[-SMOOTH:]) / len(rewards[-SMOOTH:]), 4) if rewards else None,
         "grader_calls": reward.calls, "grader_errors": dict(reward.errors),
         "grader_error_rate": round(reward.failed / reward.calls, 4) if reward.calls else None,
         "grader_s_total": round(reward.seconds, 1)})
