@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "build": ("data_prep.__main__", ["build"], "CSV/TSV/JSONL/Parquet -> chat JSONL train/valid split + report"),
     "validate": ("data_prep.__main__", ["validate"], "check chat JSONL against OpenAI's fine-tuning rules"),
     "stats": ("data_prep.__main__", ["stats"], "token counts, epochs and the OpenAI training cost of a file"),
-    "train": ("tunekit.cli", [], "LoRA/QLoRA fine-tuning (sft or dpo): accelerate launch train/<method>.py --config CONFIG"),
+    "train": ("tunekit.cli", [], "LoRA/QLoRA fine-tuning (sft, dpo or grpo, by the config's method): accelerate launch train/<method>.py --config CONFIG"),
     "merge": ("train.merge", [], "merge a LoRA adapter into its base model (one plain model folder)"),
     "export": ("train.export", [], "a run as a merged folder, one GGUF file, or GGUF + Ollama Modelfile (laptops)"),
     "hardware": ("train.hardware", [], "the GPU, its compute capability, driver and torch CUDA version"),
