@@ -19,8 +19,8 @@ the YAML's ``method: dpo``) by the ``executor`` (executors.py: a process group h
 
 Its metrics.jsonl becomes ``metrics`` events (and ``estimated_finish``), its checkpoint-N folders
 checkpoints, its summary.json ``trained_tokens``. A job that was running when the server stopped is started
-again (the script resumes from its last complete checkpoint), or failed with the reason after
-``max_attempts`` starts; a Ray job is followed again instead (by its submission id), and one whose node is
+again (the script resumes from its last complete checkpoint), completed if its training finished while the
+server was down (its summary.json is there), or failed with the reason after ``max_attempts`` starts; a Ray job is followed again instead (by its submission id), and one whose node is
 lost is submitted again at once (up to ``max_attempts`` starts), resuming from its last complete checkpoint.
 
 Pause (``service.pause_job`` marks a running job ``paused``): the worker creates ``<run_dir>/pause_requested``;
