@@ -152,6 +152,25 @@ def test_readme_commands_name_what_exists():
     assert not problems, "\n".join(problems)
 
 
+def test_readme_benchmark_commands_parse():
+    """The benchmark commands the README's prose quotes for its figures (`python bench/X.py FLAGS`): each script
+    exists and takes those flags: run with --dry-run where the script has one (it prints its commands and
+    runs nothing), else with --help."""
+    quoted = sorted(set(re.findall(r"`python (bench/\w+\.py)([^`]*)`", README.read_text(encoding="utf-8"))))
+    assert quoted, "the README quotes no benchmark command"
+    problems = []
+    for script, flags in quoted:
+        if not (ROOT / script).is_file():
+            problems.append(f"{script}: no such file")
+            continue
+        dry = "--dry-run" in (ROOT / script).read_text(encoding="utf-8")
+        argv = [*flags.split(), "--dry-run"] if dry else ["--help"]
+        proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            problems.append(f"python {script} {' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    assert not problems, "\n".join(problems)
+
+
 def module_exists(name: str) -> bool:
     """`python -m name` would find it: a module, or a package with __main__ (looked up without importing it)."""
     parts = name.split(".")
