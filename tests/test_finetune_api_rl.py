@@ -420,3 +420,44 @@ def test_rft_guide_script(api, fake_vllm, tmp_path, openapi_schemas):  # noqa: F
     assert lines[-1] == "chat: ALPHA"
     config = yaml.safe_load((api.data_dir / "runs" / f"{job['id']}.yaml").read_text())
     assert (config["method"], config["num_generations"], config["grader"]) == ("reinforcement", gens, PY)
+
+
+@pytest.mark.slow
+def test_a_paused_reinforcement_job_resumes_to_its_last_step(api, tmp_path):
+    """Pause and resume, as for the other methods: GRPO stops at a new checkpoint, the job reads paused, and
+    resumed it trains on from that checkpoint to the planned last step, each step reported once."""
+    import time
+
+    from test_finetune_api import training_pids, wait_status
+
+    c = api.client()
+    (tmp_path / "train.jsonl").write_bytes(jsonl(rft(f"w{i} w{i + 1}", LABELS[i % 2]) for i in range(40)))
+    f = c.files.create(file=open(tmp_path / "train.jsonl", "rb"), purpose="fine-tune")
+    # 40 prompts, 2 a step, 3 epochs: 60 steps; the pause lands after the first ones
+    job = c.fine_tuning.jobs.create(model="o4-mini-2025-04-16", training_file=f.id, suffix="pause", method={
+        "type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {
+            "n_epochs": 3, "batch_size": 2, "compute_multiplier": 0.5}}})
+    run_dir = api.data_dir / "runs" / job.id
+    deadline = time.time() + 120
+    while not [e for e in c.fine_tuning.jobs.list_events(job.id, limit=5).data if e.type == "metrics"]:
+        assert time.time() < deadline and c.fine_tuning.jobs.retrieve(job.id).status in (
+            "validating_files", "queued", "running")
+        time.sleep(0.1)
+    assert c.fine_tuning.jobs.pause(job.id).status == "paused"
+    deadline = time.time() + 90
+    while not any(e.message.startswith("Fine-tuning job paused at step")
+                  for e in c.fine_tuning.jobs.list_events(job.id, limit=20).data):
+        assert time.time() < deadline, "no pause event"
+        time.sleep(0.3)
+    assert not training_pids(run_dir) and not (run_dir / "summary.json").exists()
+    paused = json.loads((run_dir / "paused.json").read_text())
+    step = paused["step"]
+    assert 0 < step < 60 and Path(paused["checkpoint"]).name == f"checkpoint-{step}"
+    assert c.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = wait_status(c, job.id, ("succeeded", "failed"), timeout=300)
+    assert done.status == "succeeded", done.error
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"checkpoint-{step}") and summary["steps"] == 60
+    steps = [e.data["step"] for e in c.fine_tuning.jobs.list_events(job.id, limit=1000).data
+             if e.type == "metrics" and "train_mean_reward" in e.data]
+    assert sorted(steps) == list(range(1, 61))  # each step reported once across the pause
