@@ -399,19 +399,26 @@ def test_cancel_mid_run_kills_the_training(server, toy_files):
     assert not (run_dir / "summary.json").exists()
 
 
+def killed_at_first_checkpoint(s: "Server", toy_files: Path, suffix: str, n_epochs: int):
+    """A supervised job on the toy file; once its first checkpoint is complete the server is SIGKILLed and its
+    training process is orphaned. Returns (client, file, job, run folder)."""
+    c = s.client()
+    f = c.files.create(file=open(toy_files / "train.jsonl", "rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny-llama", suffix=suffix, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": n_epochs, "batch_size": 1}}})
+    run_dir = s.data_dir / "runs" / job.id
+    deadline = time.time() + 120
+    while not list(run_dir.glob("checkpoint-*/trainer_state.json")):
+        assert time.time() < deadline and s.proc.poll() is None
+        time.sleep(0.2)
+    s.kill(signal.SIGKILL)
+    return c, f, job, run_dir
+
+
 def test_server_killed_mid_job_resumes_after_restart(tmp_path, ft_model_dir, toy_files):
     s = Server(tmp_path, ft_model_dir).start()
     try:
-        c = s.client()
-        f = c.files.create(file=open(toy_files / "train.jsonl", "rb"), purpose="fine-tune")
-        job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny-llama", suffix="restart", method={
-            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}}})
-        run_dir = s.data_dir / "runs" / job.id
-        deadline = time.time() + 120
-        while not list(run_dir.glob("checkpoint-*/trainer_state.json")):
-            assert time.time() < deadline and s.proc.poll() is None
-            time.sleep(0.2)
-        s.kill(signal.SIGKILL)  # the server dies; its training process is orphaned
+        c, f, job, run_dir = killed_at_first_checkpoint(s, toy_files, "restart", n_epochs=10)
         for pid in training_pids(s.data_dir):
             os.kill(pid, signal.SIGSTOP)  # held mid-run until the restarted server stops it (else done in seconds)
         s.start()  # the same data folder and port
@@ -433,20 +440,11 @@ def test_server_killed_mid_job_resumes_after_restart(tmp_path, ft_model_dir, toy
         s.stop()
 
 
-
 def test_a_training_that_finished_while_the_server_was_down_completes_the_job(tmp_path, ft_model_dir, toy_files):
     s = Server(tmp_path, ft_model_dir).start()
     try:
-        c = s.client()
-        f = c.files.create(file=open(toy_files / "train.jsonl", "rb"), purpose="fine-tune")
-        job = c.fine_tuning.jobs.create(training_file=f.id, model="tiny-llama", suffix="done", method={
-            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 1}}})
-        run_dir = s.data_dir / "runs" / job.id
+        c, _, job, run_dir = killed_at_first_checkpoint(s, toy_files, "done", n_epochs=2)
         deadline = time.time() + 120
-        while not list(run_dir.glob("checkpoint-*/trainer_state.json")):
-            assert time.time() < deadline and s.proc.poll() is None
-            time.sleep(0.2)
-        s.kill(signal.SIGKILL)
         while not (run_dir / "summary.json").exists() or training_pids(s.data_dir):  # the orphan trains to the end
             assert time.time() < deadline
             time.sleep(0.2)

@@ -317,7 +317,7 @@ def check_items(grader: dict, items: list[dict], key: str, path: str) -> None:
         if missing := missing_item_path(wanted, item):
             fields = ", ".join(item) or "none"
             raise UserError(f"grader: {{{{ {missing} }}}} is not in {key} {path} example {i} (its fields: "
-                            f"{fields}); every line needs the fields the grader reads") from None
+                            f"{fields}); every line needs the fields the grader reads")
 
 
 def check_lengths(rows: list[dict], tokenizer, max_completion_length: int) -> dict:
