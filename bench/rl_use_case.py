@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import random
 import shlex
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import yaml
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train/sft.py: idle threads sleep on a busy machine
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from serve.compare.findings import paired_bootstrap  # noqa: E402
 from train.hardware import cpu_flags  # noqa: E402
 
 TUNEKIT = [sys.executable, "-m", "tunekit"]
@@ -136,14 +136,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     return [round(mid - half, 4), round(mid + half, 4)]
 
 
-def paired_diff(a: list[int], b: list[int], resamples: int = 5000) -> tuple[float, list[float]]:
-    """mean(b - a) and its 95% bootstrap interval over the same examples."""
-    d = [y - x for x, y in zip(a, b)]
-    rng = random.Random(0)
-    means = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(resamples))
-    return round(sum(d) / len(d), 4), [round(means[int(0.025 * resamples)], 4), round(means[int(0.975 * resamples)], 4)]
-
-
 def cached(out: Path, name: str, adapter: Path | None, examples: list[dict], grader: dict) -> dict:
     path = out / "eval" / f"{name.replace(' ', '_').replace('/', '_')}_{len(examples)}.json"
     if path.is_file():
@@ -196,7 +188,8 @@ def main(argv=None) -> int:
     grader = yaml.safe_load((ROOT / task["rl"]).read_text())["grader"]
     results = {name: cached(out, name, adapter, examples, grader) for name, adapter in models}
     before = "sft" if start else "base"
-    diff, diff_ci = paired_diff(results[before]["right"], results[label]["right"])
+    diff, diff_ci = paired_bootstrap(results[label]["right"], results[before]["right"], resamples=5000)
+    diff, diff_ci = round(diff, 4), [round(x, 4) for x in diff_ci]
     summary = json.loads((out / rl_dir(args) / "summary.json").read_text())
     print(f"\n{len(examples)} {task['what']}")
     print(f"{'model':<22} {'accuracy':>9} {'95% CI':>17}")

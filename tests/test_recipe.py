@@ -46,8 +46,15 @@ def test_max_steps_auto_from_the_yaml_or_a_flag_is_sized_from_the_train_file(tmp
     cfg = write_config(tmp_path / "auto.yaml", train, max_steps="auto", per_device_train_batch_size=16)
     script, training, _ = sft.parse(["--config", str(cfg)])
     assert script.auto_steps and training.max_steps == -1  # resolved when the run starts: the file may come later
-    assert sft.resolve_steps(script, training) == {"examples": 50, "epochs": 3, "steps": 12}
+    assert sft.resolve_steps(script, training) == {"examples": 50, "epochs": 3, "steps": 12, "epochs_from": "auto"}
     assert training.max_steps == 12
+    # a profile that names its epochs keeps them: auto sizes the steps from those (6 x 4 batches)
+    six = write_config(tmp_path / "six.yaml", train, max_steps="auto", per_device_train_batch_size=16,
+                       num_train_epochs=6)
+    script, training, _ = sft.parse(["--config", str(six)])
+    assert sft.resolve_steps(script, training) == {"examples": 50, "epochs": 6, "steps": 24, "epochs_from": "profile"}
+    script, training, _ = sft.parse(["--config", str(six), "--num_train_epochs", "1.5"])  # the flag wins
+    assert sft.resolve_steps(script, training)["steps"] == 6
     for flags, steps in ((["--max_steps", "7"], 7), (["--max-steps=auto", "--gradient_accumulation_steps", "2"], 6)):
         script, training, _ = sft.parse(["--config", str(cfg), *flags])  # the command line wins over the YAML
         sft.resolve_steps(script, training)

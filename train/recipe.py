@@ -5,6 +5,8 @@ as OpenAI's fine-tuning does for ``n_epochs: "auto"``:
 
     epochs = 3, raised for small files so that n x epochs reaches 100 (at most 25 epochs), lowered for big
              ones so that n x epochs stays under 25,000 (at least 1)       (``auto_epochs``)
+             -- or the profile's own ``num_train_epochs`` when it sets one (``given_epochs``), as a job's
+             ``n_epochs`` number replaces OpenAI's "auto"
     steps  = epochs x ceil(ceil(n / (per-device batch x processes)) / gradient accumulation)   (``auto_steps``)
 
 The epochs are OpenAI's data-preparation cookbook rule (``data_prep.stats.default_epochs``, which the local
@@ -59,11 +61,11 @@ def auto_epochs(n: int) -> int:
 
 
 def auto_steps(n: int, per_device_batch: int, accumulation: int = 1, processes: int = 1,
-               epochs: int | None = None) -> int:
+               epochs: float | None = None) -> int:
     """Optimizer steps of ``epochs`` (default: ``auto_epochs(n)``) over ``n`` examples at this batch."""
     epochs = auto_epochs(n) if epochs is None else epochs
     per_epoch = math.ceil(math.ceil(n / max(1, per_device_batch * processes)) / max(1, accumulation))
-    return max(1, epochs * per_epoch)
+    return max(1, math.ceil(epochs * per_epoch))
 
 
 def take_auto(argv: list[str]) -> tuple[list[str], bool]:
@@ -86,6 +88,23 @@ def take_auto(argv: list[str]) -> tuple[list[str], bool]:
         if Path(path).is_file() and str((read_yaml(path) or {}).get("max_steps", "")).strip().lower() == AUTO:
             return [*argv, "--max_steps", "-1"], True
     return argv, False
+
+
+def given_epochs(argv: list[str]) -> float | None:
+    """The epochs a run names itself (``--num_train_epochs N`` on the command line, or ``num_train_epochs`` in
+    the ``--config`` YAML), which ``max_steps: auto`` trains instead of OpenAI's auto epochs; None when it names
+    none (TRL's default of 3 is not a choice)."""
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in ("--num_train_epochs", "--num-train-epochs"):
+            return float(value if eq else argv[i + 1])
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        from tunekit.config import read_yaml
+
+        path = argv[argv.index("--config") + 1]
+        if Path(path).is_file() and (read_yaml(path) or {}).get("num_train_epochs") is not None:
+            return float(read_yaml(path)["num_train_epochs"])
+    return None
 
 
 def count_examples(path: str) -> int:

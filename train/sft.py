@@ -104,20 +104,24 @@ def parse(argv=None):
     argv, auto = recipe.take_auto(sys.argv[1:] if argv is None else argv)
     script, training, model_args = core.parse((ScriptArguments, SFTConfig, ModelConfig), argv)
     script.auto_steps = auto
+    script.auto_epochs = recipe.given_epochs(argv) if auto else None  # None: OpenAI's auto epochs
     return script, training, model_args
 
 
 def resolve_steps(script, training) -> dict | None:
-    """``max_steps: auto``: the steps of OpenAI's "auto" epochs for the train file's examples at this batch
-    (train/recipe.py), set on ``training``; what was resolved, or None without auto."""
+    """``max_steps: auto``: the steps of the profile's ``num_train_epochs`` (when it sets one) or of OpenAI's
+    "auto" epochs for the train file's examples, at this batch (train/recipe.py), set on ``training``; what was
+    resolved, or None without auto."""
     if not getattr(script, "auto_steps", False):
         return None
     n = recipe.count_examples(script.train_file)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
+    given = getattr(script, "auto_epochs", None)
+    epochs = given or recipe.auto_epochs(n)
     training.max_steps = recipe.auto_steps(n, training.per_device_train_batch_size,
-                                           training.gradient_accumulation_steps, processes)
+                                           training.gradient_accumulation_steps, processes, epochs=epochs)
     script.auto_steps = False  # resolved
-    return {"examples": n, "epochs": recipe.auto_epochs(n), "steps": training.max_steps}
+    return {"examples": n, "epochs": epochs, "steps": training.max_steps, "epochs_from": "profile" if given else "auto"}
 
 
 def build_trainer(script, training, model_args, model, tokenizer, train_rows, valid_rows=None):
@@ -159,7 +163,8 @@ def main(argv=None, callbacks=()) -> int:
     if core.finished(Path(training.output_dir), SimpleNamespace(max_steps=0) if script.max_minutes else training):
         return 0
     if auto:
-        print(f"max_steps auto: {auto['examples']} train examples -> {auto['epochs']} epochs -> {auto['steps']} steps "
+        print(f"max_steps auto: {auto['examples']} train examples -> {auto['epochs']:g} epochs "
+              f"({'num_train_epochs' if auto['epochs_from'] == 'profile' else 'auto'}) -> {auto['steps']} steps "
               f"at batch {training.per_device_train_batch_size} x {training.gradient_accumulation_steps} "
               "(train/recipe.py)", flush=True)
     # Checks that cost seconds, before the model costs minutes.

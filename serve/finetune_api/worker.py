@@ -1,4 +1,4 @@
-"""The job worker of the local fine-tuning API: a queue of jobs, each train/sft.py or train/dpo.py as a subprocess.
+"""The job worker of the local fine-tuning API: a queue of jobs, each trained by train/<sft|dpo|grpo>.py.
 
 A job goes validating_files -> queued -> running -> succeeded | failed | cancelled (and paused <-> queued on
 request), with OpenAI's events on the way ("Validating training file: ...", "Files validated, moving job to
@@ -6,16 +6,9 @@ queued state", "Fine-tuning job started", "Step 1/90: training loss=2.03", "Chec
 with Snapshot ID: ...", "New fine-tuned model created: ft:...", "The job has successfully completed").
 Validation is data_prep's by the job's method, failures worded as OpenAI's (validation.py); then the
 hyperparameters are resolved (hyperparameters.py) and the job shows numbers. Training is ``accelerate
-launch train/<sft|dpo>.py --config <job.yaml>`` (``tunekit.cli.accelerate_command`` picks the script from
-the YAML's ``method: dpo``) by the ``executor`` (executors.py: a process group here, or a Ray job), as
-``gpus_per_job`` processes (data parallel above 1):
-
-- supervised: the job's profile (``models:``) + ``sft_overrides`` + the job's settings;
-- dpo: ``dpo_config`` (a train/dpo.py profile) + ``sft_overrides`` (less the SFT-only keys, SFT_ONLY) + the
-  job's settings + ``method: dpo`` and ``beta``; its files are OpenAI's DPO JSONL as uploaded, which
-  train/dpo.py reads as they are;
-- on an ``ft:`` model (either method): ``init_adapter``, the folder of that model's adapter, which the run
-  trains on from.
+launch train/<method>.py --config <job.yaml>`` (the YAML: jobconfig.py; ``tunekit.cli.accelerate_command``
+picks the script from its ``method``) by the ``executor`` (executors.py: a process group here, or a Ray
+job), as ``gpus_per_job`` processes (data parallel above 1).
 
 Its metrics.jsonl becomes ``metrics`` events (and ``estimated_finish``), its checkpoint-N folders
 checkpoints, its summary.json ``trained_tokens``. A job that was running when the server stopped is started
@@ -42,7 +35,8 @@ with the last lines of its log (``<data_dir>/runs/<job id>.log``, where its trac
 internal error with its traceback.
 
 (A job's whole life, from validation to the adapter's hand-off, reads in one place; the rules it applies
-live in validation.py, hyperparameters.py, metrics.py and slots.py, the processes in executors.py.)
+live in validation.py, hyperparameters.py, jobconfig.py, metrics.py and slots.py, the processes in
+executors.py.)
 """
 
 from __future__ import annotations
@@ -56,14 +50,10 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from tunekit.cli import accelerate_command
 from tunekit.errors import UserError
 
-from . import hyperparameters
-from .config import dpo_profile, profile_for
-from .integrations import wandb_settings
+from . import hyperparameters, jobconfig
 from .metrics import (last_checkpoint, metrics_data, metrics_message, model_name, results_csv, step_metrics,
                       trained_tokens)
 from . import executors
@@ -74,14 +64,6 @@ from .validation import file_error
 
 log = logging.getLogger(__name__)
 TERMINAL = ("succeeded", "failed", "cancelled")
-# train/sft.py keys a DPO run has no use for: left out of sft_overrides for DPO jobs (train/dpo.py refuses
-# unknown keys)
-SFT_ONLY = ("assistant_only_loss", "completion_only_loss", "shared_prefix", "train_sampling_strategy", "packing",
-            "packing_strategy", "padding_free", "dataset_text_field")
-# and the ones a reinforcement run (train/grpo.py, TRL's GRPOConfig) has no use for: it cuts no prompt and bounds
-# each completion with max_completion_length
-NOT_RL = (*SFT_ONLY, "max_length")
-SKIPPED = {"dpo": SFT_ONLY, "reinforcement": NOT_RL}  # method -> sft_overrides keys its script refuses
 PAUSE_REQUEST, PAUSED = executors.PAUSE_REQUEST, executors.PAUSED  # the pause files in a job's run folder
 
 
@@ -265,86 +247,13 @@ class Worker:
         self.store.add_event(job["id"], "Files validated, moving job to queued state")
 
     def base(self, job: dict) -> str:
-        """The base snapshot the job fine-tunes (its ``model``, or the base of the ft: model it names)."""
-        return self.store.get_private(job["id"]).get("base_model") or job["model"]
+        return jobconfig.base_of(self.store, job)
 
     def plan(self, job: dict) -> tuple[str, dict, dict, dict]:
-        """(profile, its config with the server's overrides, resolved hyperparameters, hyperparameters.plan)."""
-        from tunekit.config import read_yaml
-
-        priv = self.store.get_private(job["id"])
-        kind = job["method"]["type"]
-        profile = priv.get("profile") or self.default_profile(job)
-        config = read_yaml(profile)
-        overrides = self.cfg.sft_overrides or {}
-        config.update({k: v for k, v in overrides.items() if k not in SKIPPED.get(kind, ())})
-        n = priv.get("train_examples") or 1
-        valid = self.store.get_file(job["validation_file"]) if kind == "reinforcement" and job["validation_file"] \
-            else None  # eval_samples' "auto": the validation examples (data_prep counted them at validation)
-        n_valid = sum(1 for line in Path(valid[1]).open("rb") if line.strip()) if valid and Path(valid[1]).is_file() \
-            else None
-        hp = hyperparameters.resolve(job["method"][kind]["hyperparameters"], n, self.base(job), kind, config, n_valid)
-        return profile, config, hp, hyperparameters.plan(config, hp, n, self.base(job), self.cfg.max_steps)
-
-    def default_profile(self, job: dict) -> str:
-        """The profile of a job stored without one (the service records it at creation)."""
-        if job["method"]["type"] == "dpo":
-            return dpo_profile(self.cfg) or self.cfg.dpo_config
-        if job["method"]["type"] == "reinforcement":
-            return self.cfg.rl_config
-        return profile_for(self.cfg, job["model"]) or self.cfg.sft_config
+        return jobconfig.plan(self.store, self.cfg, job)
 
     def job_config(self, job: dict, run_dir: Path) -> tuple[Path, dict]:
-        """The training config of this job: its profile, the server's overrides, the job's hyperparameters (see
-        hyperparameters.py for what each means locally), its seed and its wandb integration; for DPO also
-        ``method: dpo`` and ``beta``, for reinforcement ``method: reinforcement``, the job's ``grader``,
-        ``num_generations`` and the evaluation's settings, on an ft: model ``init_adapter``."""
-        profile, config, hp, plan = self.plan(job)
-        steps = plan["max_steps"]
-        wandb_keys, env, events = wandb_settings(job, run_dir)
-        if job["method"]["type"] == "dpo":
-            config.update(method="dpo", beta=plan["beta"])
-        if job["method"]["type"] == "reinforcement":
-            events += self.reinforcement_config(job, config, plan, hp, env)
-        if init := self.store.get_private(job["id"]).get("init_adapter"):
-            config["init_adapter"] = init
-        config.update(train_file=self.store.get_file(job["training_file"])[1],
-                      valid_file=self.store.get_file(job["validation_file"])[1] if job["validation_file"] else None,
-                      output_dir=str(run_dir), seed=job["seed"], report_to="none",
-                      **{k: plan[k] for k in ("max_steps", "num_train_epochs", "per_device_train_batch_size",
-                                              "gradient_accumulation_steps", "learning_rate")})
-        config.update(wandb_keys)
-        if config.get("valid_file") is None:
-            config.pop("valid_file")
-            config["eval_strategy"] = "no"
-        elif config.get("eval_strategy", "no") != "no":
-            config["eval_steps"] = min(int(config.get("eval_steps") or steps), steps)
-        path = run_dir.parent / f"{job['id']}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        plan_line = (f"Training {Path(str(config.get('model_name_or_path', ''))).name} with {profile}"
-                     + (f" from {job['model']}" if init else "") + ": "
-                     + hyperparameters.describe(plan, hp, self.base(job)))
-        return path, {"total_steps": steps, "hyperparameters": hp, "env": env,
-                      "events": [("info", plan_line), *events]}
-
-    def reinforcement_config(self, job: dict, config: dict, plan: dict, hp: dict, env: dict) -> list[tuple[str, str]]:
-        """A reinforcement job's train/grpo.py keys (into ``config``) and sandbox setting (into ``env``); the events
-        that say what of the request has no local meaning."""
-        rl = job["method"]["reinforcement"]
-        config.update(method="reinforcement", grader=rl["grader"], num_generations=plan["num_generations"],
-                      per_device_eval_batch_size=plan["per_device_eval_batch_size"], logging_steps=1,  # OpenAI's: per step
-                      **{k: plan[k] for k in ("eval_steps", "max_eval_examples") if k in plan})
-        env["TUNEKIT_PYTHON_GRADERS"] = "on" if self.cfg.python_graders == "on" else ""
-        events = []
-        if hp.get("reasoning_effort", "default") != "default":
-            events.append(("info", f"reasoning_effort {hp['reasoning_effort']!r} is recorded; it has no effect here: "
-                                   f"{Path(str(config.get('model_name_or_path', ''))).name} does not reason before it "
-                                   "answers"))
-        if rl.get("response_format"):
-            events.append(("warn", "response_format is recorded and not enforced: the completions are sampled freely "
-                                   "(the grader's sample.output_json reads those that are JSON); ask for the format "
-                                   "in the prompt, or train it first with a supervised job"))
-        return events
+        return jobconfig.write(self.store, self.cfg, job, run_dir)
 
     def run(self, job: dict, device: str | None = None, handle=None) -> None:
         """Train a queued job on ``device`` (a GPU's CUDA_VISIBLE_DEVICES value; None or "cpu": the server's
