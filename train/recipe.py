@@ -5,7 +5,7 @@ as OpenAI's fine-tuning does for ``n_epochs: "auto"``:
 
     epochs = 3, raised for small files so that n x epochs reaches 100 (at most 25 epochs), lowered for big
              ones so that n x epochs stays under 25,000 (at least 1)       (``auto_epochs``)
-             -- or the profile's own ``num_train_epochs`` when it sets one (``given_epochs``), as a job's
+             -- or the profile's own ``num_train_epochs`` when it sets one (``names_epochs``), as a job's
              ``n_epochs`` number replaces OpenAI's "auto"
     steps  = epochs x ceil(ceil(n / (per-device batch x processes)) / gradient accumulation)   (``auto_steps``)
 
@@ -28,8 +28,9 @@ that draws each example with probability proportional to 1 / its label's count (
 ``balance_strength``: 1, the default, makes each of the k labels 1/k of the batches; 0.5 is square-root
 balancing), so minority examples repeat and majority ones are seen less often. ``on`` forces it (for labels),
 ``off`` never. The sampler replaces ``group_by_length``. On the sensors use case (bench/recipe.py
-``--use-case sensors``) full balancing over the auto epochs found the rare actions (macro-F1 0.633 against
-0.165 on the file's mix); square-root balancing did not (0.323).
+``--use-case sensors``) full balancing over the auto epochs (3) found the rare actions (macro-F1 0.633 against
+0.165 on the file's mix) but not their thresholds (accuracy 0.758); over 6 epochs, the sensors profile's
+``num_train_epochs``, it reached 0.983 and 0.966, against 0.850 and 0.539 on the file's mix.
 """
 
 from __future__ import annotations
@@ -90,21 +91,18 @@ def take_auto(argv: list[str]) -> tuple[list[str], bool]:
     return argv, False
 
 
-def given_epochs(argv: list[str]) -> float | None:
-    """The epochs a run names itself (``--num_train_epochs N`` on the command line, or ``num_train_epochs`` in
-    the ``--config`` YAML), which ``max_steps: auto`` trains instead of OpenAI's auto epochs; None when it names
-    none (TRL's default of 3 is not a choice)."""
-    for i, arg in enumerate(argv):
-        flag, eq, value = arg.partition("=")
-        if flag in ("--num_train_epochs", "--num-train-epochs"):
-            return float(value if eq else argv[i + 1])
+def names_epochs(argv: list[str]) -> bool:
+    """Whether a run names its epochs (``--num_train_epochs`` on the command line, or ``num_train_epochs`` in
+    the ``--config`` YAML): ``max_steps: auto`` then trains those instead of OpenAI's auto epochs (TRL's
+    default of 3 is not a choice)."""
+    if any(arg.partition("=")[0] in ("--num_train_epochs", "--num-train-epochs") for arg in argv):
+        return True
     if "--config" in argv and argv.index("--config") + 1 < len(argv):
         from tunekit.config import read_yaml
 
         path = argv[argv.index("--config") + 1]
-        if Path(path).is_file() and (read_yaml(path) or {}).get("num_train_epochs") is not None:
-            return float(read_yaml(path)["num_train_epochs"])
-    return None
+        return Path(path).is_file() and (read_yaml(path) or {}).get("num_train_epochs") is not None
+    return False
 
 
 def count_examples(path: str) -> int:

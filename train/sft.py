@@ -104,7 +104,8 @@ def parse(argv=None):
     argv, auto = recipe.take_auto(sys.argv[1:] if argv is None else argv)
     script, training, model_args = core.parse((ScriptArguments, SFTConfig, ModelConfig), argv)
     script.auto_steps = auto
-    script.auto_epochs = recipe.given_epochs(argv) if auto else None  # None: OpenAI's auto epochs
+    # the profile's own epochs, when it names them; None: OpenAI's auto epochs
+    script.auto_epochs = training.num_train_epochs if auto and recipe.names_epochs(argv) else None
     return script, training, model_args
 
 
