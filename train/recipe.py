@@ -82,12 +82,8 @@ def take_auto(argv: list[str]) -> tuple[list[str], bool]:
                 return argv, False  # a number on the command line wins over the YAML
             argv[i:i + (1 if eq else 2)] = ["--max_steps", "-1"]
             return argv, True
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        from tunekit.config import read_yaml
-
-        path = argv[argv.index("--config") + 1]
-        if Path(path).is_file() and str((read_yaml(path) or {}).get("max_steps", "")).strip().lower() == AUTO:
-            return [*argv, "--max_steps", "-1"], True
+    if str(config_yaml(argv).get("max_steps", "")).strip().lower() == AUTO:
+        return [*argv, "--max_steps", "-1"], True
     return argv, False
 
 
@@ -97,12 +93,18 @@ def names_epochs(argv: list[str]) -> bool:
     default of 3 is not a choice)."""
     if any(arg.partition("=")[0] in ("--num_train_epochs", "--num-train-epochs") for arg in argv):
         return True
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        from tunekit.config import read_yaml
+    return config_yaml(argv).get("num_train_epochs") is not None
 
-        path = argv[argv.index("--config") + 1]
-        return Path(path).is_file() and (read_yaml(path) or {}).get("num_train_epochs") is not None
-    return False
+
+def config_yaml(argv: list[str]) -> dict:
+    """The keys of the ``--config`` YAML the command line names ({} without one, or when it is not a file: TRL's
+    parser then says so)."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return {}
+    from tunekit.config import read_yaml
+
+    path = argv[argv.index("--config") + 1]
+    return (read_yaml(path) or {}) if Path(path).is_file() else {}
 
 
 def count_examples(path: str) -> int:
