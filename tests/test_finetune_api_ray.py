@@ -275,7 +275,8 @@ def test_gpus_per_job_groups_the_devices_and_splits_each_step_between_the_proces
     import yaml
 
     from serve.finetune_api.config import FinetuneAPIConfig
-    from serve.finetune_api.executors import LocalExecutor, RayExecutor, spread_batch
+    from serve.finetune_api.executors import LocalExecutor, spread_batch
+    from serve.finetune_api.ray_executor import RayExecutor
     from serve.finetune_api.slots import job_devices
     from tunekit.errors import UserError
 
