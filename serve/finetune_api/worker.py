@@ -34,9 +34,10 @@ start names its device), a failed job at WARNING, a training process that exits 
 with the last lines of its log (``<data_dir>/runs/<job id>.log``, where its traceback is), and an
 internal error with its traceback.
 
-(A job's whole life, from validation to the adapter's hand-off, reads in one place; the rules it applies
-live in validation.py, hyperparameters.py, jobconfig.py, metrics.py and slots.py, the processes in
-executors.py.)
+(One file on purpose, past 450 lines: a job's whole life, from validation to the adapter's hand-off, reads in
+one place, and its states change under one lock here. The rules it applies live in validation.py,
+hyperparameters.py, jobconfig.py, metrics.py and slots.py, the processes in executors.py and
+ray_executor.py.)
 """
 
 from __future__ import annotations
