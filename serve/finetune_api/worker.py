@@ -35,7 +35,7 @@ with the last lines of its log (``<data_dir>/runs/<job id>.log``, where its trac
 internal error with its traceback.
 
 (One file on purpose, past 450 lines: a job's whole life, from validation to the adapter's hand-off, reads in
-one place, and its states change under one lock here. The rules it applies live in validation.py,
+one place. The rules it applies live in validation.py,
 hyperparameters.py, jobconfig.py, metrics.py and slots.py, the processes in executors.py and
 ray_executor.py.)
 """
